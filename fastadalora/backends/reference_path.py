@@ -1,0 +1,15 @@
+"""The reference as a backend: plain autograd over ``fastadalora.reference``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+
+
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
+    keep = None
+    if dropout_p > 0.0:
+        keep = reference.dropout_keep_mask(x.shape, dropout_p, device=x.device)
+    return reference.adapter_linear(x, weight, bias, A, E, B, scale, None, mask=mask, keep=keep,
+                                    dropout_p=dropout_p)

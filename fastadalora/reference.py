@@ -1,0 +1,159 @@
+"""AdaLoRA as PEFT 0.21 computes it, stated plainly: the oracle for every test.
+
+Nothing here is fast.  Every function uses ordinary differentiable torch ops in the
+same order as PEFT, so a float64 run agrees with PEFT to rounding.  The fast paths
+(``fastadalora.backends``) and the Triton kernels (``fastadalora.kernels``) are each
+tested against the twin defined here:
+
+=====================================  =====================================================
+reference                              fast twin
+=====================================  =====================================================
+``adapter_linear``                     ``backends.torch_path`` / ``backends.triton_path``
+``dropout_keep_mask``                  ``kernels.dropout`` (Philox), ``torch_path`` (generator)
+``sensitivity_update``                 ``kernels.sensitivity`` / ``allocator`` (CPU, foreach)
+``triplet_scores``                     ``kernels.sensitivity`` / ``allocator``
+``orth_reg``                           ``orth.orth_reg_loss``
+=====================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+RANKNUM_EPS = 1e-5  # PEFT divides by (ranknum + 1e-5)
+
+
+# --------------------------------------------------------------------------- layer
+def scaling_of(r: int, lora_alpha: float) -> float:
+    """PEFT's ``scaling``: ``lora_alpha`` itself, or ``r`` when ``lora_alpha <= 0``."""
+    return lora_alpha if lora_alpha > 0 else float(r)
+
+
+def adapter_scale(scaling: float, ranknum: float) -> float:
+    """The single factor the fused paths multiply by: ``scaling / (ranknum + 1e-5)``."""
+    return scaling / (ranknum + RANKNUM_EPS)
+
+
+def init_adapter_(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> None:
+    """PEFT's ``reset_lora_parameters``: E = 0, then A, then B ~ N(0, 0.02), in that order."""
+    with torch.no_grad():
+        torch.nn.init.zeros_(E)
+        torch.nn.init.normal_(A, mean=0.0, std=0.02)
+        torch.nn.init.normal_(B, mean=0.0, std=0.02)
+
+
+def adapter_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    E: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    ranknum: float | None,
+    mask: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``y = x·W0ᵀ + b + (dropout(x)·(A⊙E)ᵀ·Bᵀ)·scaling/(ranknum+1e-5)``.
+
+    ``weight`` is (out, in) as in ``nn.Linear``.  ``E`` is (r, 1) or (r,).  ``mask`` is an
+    optional (r,) multiplier on E.  ``keep`` is an optional boolean dropout keep-mask with
+    x's shape; kept elements are scaled by 1/(1-p) as ``nn.Dropout`` does.  With
+    ``ranknum=None``, ``scaling`` is taken as the whole factor ``scaling/(ranknum+1e-5)``.
+    """
+    result = torch.nn.functional.linear(x, weight, bias)
+    e = E.reshape(-1, 1)
+    if mask is not None:
+        e = e * mask.reshape(-1, 1).to(e.dtype)
+    xd = x
+    if keep is not None:
+        xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    branch = (xd @ (A * e).T @ B.T) * scaling
+    return result + (branch if ranknum is None else branch / (ranknum + RANKNUM_EPS))
+
+
+def delta_weight(
+    A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """PEFT's ``get_delta_weight``: ``B·(A⊙E)·scaling/(ranknum+1e-5)``, transposed for Conv1D."""
+    w = B @ (A * E.reshape(-1, 1))
+    if fan_in_fan_out:
+        w = w.T
+    return w * scaling / (ranknum + RANKNUM_EPS)
+
+
+def dropout_keep_mask(shape: Sequence[int], p: float, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """A Bernoulli(1-p) keep mask: the law every backend's dropout follows."""
+    return torch.rand(tuple(shape), generator=generator, device=device) >= p
+
+
+# --------------------------------------------------------------------------- allocator
+def budget_schedule(step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int,
+                    deltaT: int) -> tuple[int, bool]:
+    """PEFT's cubic budget schedule: ``(budget, mask_now)``."""
+    if step <= tinit:
+        return init_bgt, False
+    if step > total_step - tfinal:
+        return target_bgt, True
+    mul_coeff = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    budget = int((init_bgt - target_bgt) * (mul_coeff**3) + target_bgt)
+    return budget, step % deltaT == 0
+
+
+def sensitivity_update(p: torch.Tensor, g: torch.Tensor, ipt_ema: torch.Tensor, unc_ema: torch.Tensor,
+                       beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One EMA step: ``I=|p·g|``, ``Ī←β1·Ī+(1-β1)·I``, ``Ū←β2·Ū+(1-β2)·|I-Ī|`` (new Ī).
+
+    Returns ``(Ī, Ū, s)`` with the element score ``s = Ī·Ū``.  Inputs are not modified.
+    """
+    ipt = (p * g).abs()
+    ipt_ema = beta1 * ipt_ema + (1 - beta1) * ipt
+    unc_ema = beta2 * unc_ema + (1 - beta2) * (ipt - ipt_ema).abs()
+    return ipt_ema, unc_ema, ipt_ema * unc_ema
+
+
+def triplet_scores(score_A: torch.Tensor, score_E: torch.Tensor, score_B: torch.Tensor) -> torch.Tensor:
+    """``S_i = s(E_i) + (mean_j s(A_ij) + mean_k s(B_ki))`` for one layer, shape (r,).
+
+    The bracket is PEFT's order of addition (``_combine_ipt``).
+    """
+    ab = torch.cat([score_A.mean(dim=1, keepdim=True), score_B.mean(dim=0).view(-1, 1)], dim=1).sum(dim=1)
+    return score_E.reshape(-1) + ab
+
+
+def mask_threshold(all_scores: torch.Tensor, init_bgt: int, budget: int) -> torch.Tensor:
+    """``τ = kthvalue(S, k = B0 - b)``; triplets with ``S <= τ`` are pruned."""
+    return torch.kthvalue(all_scores, k=init_bgt - budget)[0]
+
+
+# --------------------------------------------------------------------------- regulariser
+def orth_reg(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """PEFT's ``R = mean over all A and B of ‖G − I‖_F`` (``G = AAᵀ``, ``BᵀB``), unsquared.
+
+    PEFT iterates ``named_parameters`` (A then B within each layer); pass them in that order
+    for bit-level agreement.
+    """
+    total = 0
+    n = 0
+    for A, B in zip(As, Bs):
+        for G in (A @ A.T, B.T @ B):
+            eye = torch.eye(*G.size(), out=torch.empty_like(G))
+            total = total + torch.norm(G - eye, p="fro")
+            n += 1
+    return total / n if n else torch.zeros(())
+
+
+def fp_tolerance(dtype: torch.dtype, reduction_len: int, safety: float = 4.0) -> float:
+    """A tolerance from the maths: ``safety · sqrt(K) · eps`` for a K-long fp32-accumulated dot.
+
+    Inputs rounded to ``dtype`` carry a relative error of eps(dtype) each; an fp32 accumulation
+    over K terms of random sign grows like sqrt(K)·eps32; we bound both with a worst-case factor.
+    """
+    eps_in = torch.finfo(dtype).eps
+    eps_acc = torch.finfo(torch.float32).eps if dtype != torch.float64 else torch.finfo(torch.float64).eps
+    return safety * (eps_in + math.sqrt(reduction_len) * eps_acc)
