@@ -1,0 +1,20 @@
+"""Test set-up shared by every test file.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` decorator runs, i.e. before the kernel
+modules are imported, so it is set here at collection time.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
