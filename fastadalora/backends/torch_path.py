@@ -1,0 +1,87 @@
+"""The CPU fast path: the fused adapter op in plain torch GEMMs.
+
+Same contract as every backend (see ``fastadalora.backends``).  Per forward it runs one base
+GEMM and three skinny ones; the adapter's ``diag(E·mask)`` is folded into the N×r intermediate
+and ``scale`` into ``addmm_``'s ``alpha``, so nothing but the output itself is N×out:
+
+    y = x·Wᵀ + b                    (addmm, the base layer)
+    h = dropout(x)·Aᵀ               (N×r, saved for backward)
+    y += (h·e)·Bᵀ · scale           (addmm_, in place)
+
+Saved for backward: x, h and the dropout seed.  The dropout keep-mask is regenerated from the
+seed in backward, never stored, and the adapter's dx is accumulated into the base dx buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _draw_seed() -> int:
+    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _dropout_scale(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """keep/(1-p) as a tensor shaped like x, regenerated identically from ``seed``."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
+    return keep.mul_(1.0 / (1.0 - p))
+
+
+def _effective_e(E: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    e = E.reshape(-1)
+    return e if mask is None else e * mask.to(e.dtype)
+
+
+class AdapterLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float):
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        seed = None
+        xd = x
+        if dropout_p > 0.0:
+            seed = _draw_seed()
+            xd = x * _dropout_scale(x, seed, dropout_p)
+        h = torch.mm(xd, A.t())
+        y.addmm_(h * _effective_e(E, mask), B.t(), alpha=scale)
+        ctx.save_for_backward(x, h, weight, A, E, B, mask)
+        ctx.seed, ctx.scale, ctx.dropout_p = seed, scale, dropout_p
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, h, weight, A, E, B, mask = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.dropout_p
+        need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
+        e = _effective_e(E, mask)
+        gs = torch.mm(gy, B)  # N×r: the gradient reaching the scaled intermediate, before E
+        dh = gs * (e * scale)
+        dx = dW = db = dA = dE = dB = None
+        kscale = _dropout_scale(x, ctx.seed, p) if (p > 0.0 and (need_x or need_A)) else None
+        if need_x:
+            dx = torch.mm(gy, weight)
+            if kscale is None:
+                dx.addmm_(dh, A)
+            else:
+                dx.addcmul_(torch.mm(dh, A), kscale)
+        if need_A:
+            dA = torch.mm(dh.t(), x if kscale is None else x * kscale)
+        if need_E:
+            dE = (gs * h).sum(0).mul_(scale)
+            if mask is not None:
+                dE.mul_(mask.to(dE.dtype))
+            dE = dE.view_as(E)
+        if need_B:
+            dB = torch.mm(gy.t(), h * e).mul_(scale)
+        if need_w:
+            dW = torch.mm(gy.t(), x)
+        if need_b and ctx.has_bias:
+            db = gy.sum(0)
+        return dx, dW, db, dA, dE, dB, None, None, None
+
+
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
+    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p))
