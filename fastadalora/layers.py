@@ -63,7 +63,7 @@ class AdaLoraLinear(nn.Module):
             raise ValueError(f"AdaLoraLinear({name or ''}): lora_dropout must be in [0, 1), got {lora_dropout}")
 
         self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
+        base_layer.requires_grad_(False)  # the base is frozen: weight and bias
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self.init_r = r
