@@ -1,0 +1,84 @@
+"""Tiny transformers models built from config (no downloads), shared by the test files.
+
+Every model has dropout 0 and eager attention, so two copies given the same weights and
+inputs compute the same numbers.  Widths: hidden 32, 2 heads, intermediate 64, vocab 64.
+Keep these signatures stable: several test files use them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN = 32
+VOCAB = 64
+SEQ = 8
+BATCH = 4
+
+
+def _seeded(seed: int | None):
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def tiny_bert(num_layers: int = 2, num_labels: int = 2, hidden: int = HIDDEN, seed: int | None = 0,
+              dtype: torch.dtype = torch.float32):
+    """A ``BertForSequenceClassification``: hidden 32, 2 heads, intermediate 2·hidden, dropout 0."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=32, type_vocab_size=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+                     num_labels=num_labels, attn_implementation="eager")
+    _seeded(seed)
+    model = BertForSequenceClassification(cfg)
+    return model.to(dtype).eval()
+
+
+def _gpt2_config(num_layers: int, hidden: int, num_labels: int = 2):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=num_layers, n_head=2, n_positions=32,
+                      n_inner=2 * hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+                      num_labels=num_labels, pad_token_id=0, attn_implementation="eager")
+
+
+def tiny_gpt2_cls(num_layers: int = 2, num_labels: int = 2, hidden: int = HIDDEN, seed: int | None = 0,
+                  dtype: torch.dtype = torch.float32):
+    """A ``GPT2ForSequenceClassification`` (Conv1D projections: fan_in_fan_out), pad token 0."""
+    from transformers import GPT2ForSequenceClassification
+
+    _seeded(seed)
+    model = GPT2ForSequenceClassification(_gpt2_config(num_layers, hidden, num_labels))
+    return model.to(dtype).eval()
+
+
+def tiny_gpt2_lm(num_layers: int = 2, hidden: int = HIDDEN, seed: int | None = 0, dtype: torch.dtype = torch.float32):
+    """A ``GPT2LMHeadModel`` (tied input/output embeddings)."""
+    from transformers import GPT2LMHeadModel
+
+    _seeded(seed)
+    model = GPT2LMHeadModel(_gpt2_config(num_layers, hidden))
+    return model.to(dtype).eval()
+
+
+def cls_batch(batch: int = BATCH, seq: int = SEQ, num_labels: int = 2, seed: int = 0) -> dict:
+    """``input_ids`` in [1, VOCAB) (0 is GPT-2's pad), a full ``attention_mask`` and integer ``labels``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, VOCAB, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, num_labels, (batch,), generator=g),
+    }
+
+
+def lm_batch(batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> dict:
+    """``input_ids`` with ``labels = input_ids`` for a causal LM loss."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": ids.clone()}
+
+
+def batches(n: int, kind: str = "cls", seed: int = 0, **kwargs) -> list[dict]:
+    """``n`` different batches (seeds ``seed``, ``seed+1``, ...)."""
+    make = cls_batch if kind == "cls" else lm_batch
+    return [make(seed=seed + i, **kwargs) for i in range(n)]
