@@ -337,7 +337,9 @@ class AdaLoraModel(nn.Module):
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
-        """``{"<module path in .model>.lora_E": [kept?] * init_r}`` from the last mask, or None before any.
+        """``{"<module path in .model>.lora_E": [kept?] * r}`` from the last mask, or None before any.
+
+        One flag per triplet the layer holds now (``init_r``, or the rank it was resized to at load).
 
         The keys equal PEFT's saved ``rank_pattern`` keys (PEFT's live keys carry a trailing ``.default``).
         """
@@ -368,6 +370,20 @@ class AdaLoraModel(nn.Module):
             raise ValueError("Unrecognised extra state: not written by fastadalora.AdaLoraModel.get_extra_state.")
         if state["allocator"] is not None and self.allocator is not None:
             self.allocator.load_state_dict(state["allocator"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write the adapter in PEFT 0.21's format (see ``fastadalora.checkpoint.save_pretrained``)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, pretrained_path, is_trainable: bool = False) -> "AdaLoraModel":
+        """Load an adapter saved by PEFT 0.21 or by us onto ``model`` (see ``fastadalora.checkpoint``)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(model, pretrained_path, is_trainable=is_trainable)
 
     # ------------------------------------------------------------------ export / info
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
