@@ -1,0 +1,422 @@
+"""The benchmark cases: fastadalora vs PEFT 0.21 AdaLoRA (and PEFT LoRA at r = init_r).
+
+Each ``*_case`` builds both sides from identical weights and inputs, times them interleaved
+(``harness.interleaved``) and returns rows (dicts) for the summary table and the CSV.  The
+``setup_*`` builders are shared with the pytest-benchmark files (``bench/test_*.py``).
+
+Cases:
+
+* ``layer_case``      one linear layer: forward, backward, full; plus the bare frozen ``nn.Linear``,
+                      so "adapter overhead" = time(adapted) − time(bare) can be compared;
+* ``memory_case``     bytes saved for backward (``saved_tensors_hooks``; parameters and the input excluded);
+* ``allocator_case``  ``update_and_allocate`` on a masking step, on a deep BERT-style model;
+* ``orth_case``       orthogonal regularisation forward+backward on the same model;
+* ``train_step_case`` forward, backward, AdamW step, ``update_and_allocate`` of a whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .harness import interleaved, ratio
+
+LORA_ALPHA = 8
+
+
+# ============================================================================ builders
+class _Holder(nn.Module):
+    def __init__(self, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_adalora_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 1000, **kw):
+    import peft
+
+    return peft.AdaLoraConfig(init_r=init_r, target_r=max(1, init_r // 2), tinit=100, tfinal=200, deltaT=10,
+                              total_step=total_step, lora_alpha=LORA_ALPHA, lora_dropout=dropout,
+                              target_modules=target_modules, **kw)
+
+
+def _fa_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 1000, **kw):
+    import fastadalora
+
+    return fastadalora.AdaLoraConfig(init_r=init_r, target_r=max(1, init_r // 2), tinit=100, tfinal=200, deltaT=10,
+                                     total_step=total_step, lora_alpha=LORA_ALPHA, lora_dropout=dropout,
+                                     target_modules=target_modules, **kw)
+
+
+# masking step of the configs above: tinit < 500 < total_step - tfinal and 500 % deltaT == 0
+MASK_STEP = 500
+
+
+def setup_layers(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device,
+                 dropout: float = 0.0, seed: int = 0) -> dict:
+    """Bare ``nn.Linear``, ``AdaLoraLinear``, PEFT ``SVDLinear`` and PEFT LoRA ``Linear`` on one weight.
+
+    E is set to non-zero values (as after some training) and copied into PEFT's layer, so both
+    compute the same numbers.  Returns ``{"bare", "ours", "peft_adalora", "peft_lora", "x", "gy"}``.
+    """
+    import peft
+
+    from fastadalora import AdaLoraLinear
+
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out).to(device=device, dtype=dtype).requires_grad_(False)
+    ours = AdaLoraLinear(copy.deepcopy(base), r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout)
+    with torch.no_grad():
+        ours.lora_E.normal_()
+
+    pa = peft.get_peft_model(_Holder(copy.deepcopy(base)), _peft_adalora_config(r, ["lin"], dropout))
+    svd = pa.base_model.model.lin
+    with torch.no_grad():
+        for name in ("lora_A", "lora_E", "lora_B"):
+            getattr(svd, name)["default"].copy_(getattr(ours, name))
+        svd.ranknum["default"].requires_grad_(False)
+
+    pl = peft.get_peft_model(_Holder(copy.deepcopy(base)),
+                             peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=["lin"]))
+    lora = pl.base_model.model.lin
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_(std=0.02)  # non-zero B: the same work as a trained adapter
+
+    x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(n, d_out, device=device, dtype=dtype)
+    layers = {"bare": base, "ours": ours, "peft_adalora": svd, "peft_lora": lora}
+    for m in layers.values():
+        m.train()
+    return {**layers, "x": x, "gy": gy}
+
+
+def layer_callables(s: dict, mode: str) -> dict:
+    """No-argument callables per contender for ``mode`` in ``forward|backward|full``."""
+    x, gy = s["x"], s["gy"]
+    fns = {}
+    for name in ("bare", "ours", "peft_adalora", "peft_lora"):
+        layer = s[name]
+        if mode == "forward":
+            fns[name] = lambda layer=layer: layer(x)
+        elif mode == "full":
+            def full(layer=layer):
+                x.grad = None
+                layer(x).backward(gy)
+            fns[name] = full
+        elif mode == "backward":
+            y = layer(x)
+
+            def bwd(y=y):
+                x.grad = None
+                y.backward(gy, retain_graph=True)
+            fns[name] = bwd
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return fns
+
+
+def setup_deep_models(num_layers: int, hidden: int, init_r: int, device: torch.device, seed: int = 0) -> dict:
+    """A BERT-style encoder (6 targets per layer), wrapped by fastadalora and by PEFT AdaLoRA.
+
+    Adapter weights are copied across, E set non-zero, and every A, E, B given the same random
+    gradient, so ``update_and_allocate`` and the orthogonal term see identical inputs.
+    """
+    import peft
+    from transformers import BertConfig, BertModel
+
+    import fastadalora
+
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    cfg = BertConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                     intermediate_size=4 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    base = BertModel(cfg, add_pooling_layer=False).to(device)
+    twin_base = copy.deepcopy(base)
+    ours = fastadalora.get_adalora_model(base, _fa_config(init_r, targets))
+    theirs = peft.get_peft_model(twin_base, _peft_adalora_config(init_r, targets))
+    inner = theirs.base_model.model
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for path, layer in ours.adapter_layers().items():
+            mod = inner.get_submodule(path)
+            layer.lora_E.normal_()
+            for name in ("lora_A", "lora_E", "lora_B"):
+                p_ours, p_theirs = getattr(layer, name), getattr(mod, name)["default"]
+                p_theirs.copy_(p_ours)
+                grad = torch.randn(p_ours.shape, generator=g).to(device=device, dtype=p_ours.dtype)
+                p_ours.grad, p_theirs.grad = grad.clone(), grad.clone()
+            mod.ranknum["default"].requires_grad_(False)
+    return {"ours": ours, "peft_adalora": theirs, "num_adapters": len(ours.adapter_layers())}
+
+
+def peft_orth_reg(peft_model, adapter_name: str = "default") -> torch.Tensor:
+    """PEFT 0.21's orthogonal term, the loop of ``AdaLoraModel.forward`` copied verbatim (PEFT has no
+    stand-alone function for it)."""
+    regu_loss, num_param = 0, 0
+    for n, p in peft_model.base_model.model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and adapter_name in n:
+            para_cov = p @ p.T if "lora_A" in n else p.T @ p
+            eye = torch.eye(*para_cov.size(), out=torch.empty_like(para_cov))
+            eye.requires_grad = False
+            num_param += 1
+            regu_loss += torch.norm(para_cov - eye, p="fro")
+    return regu_loss / num_param
+
+
+def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
+                       device: torch.device, seed: int = 0) -> dict:
+    """A BERT-style classifier (``kind="bert"``) or a GPT-2-style LM (``kind="gpt2"``), three ways:
+    fastadalora, PEFT AdaLoRA and PEFT LoRA (r = init_r), each with its own AdamW.
+
+    Returns ``{name: step_callable}`` plus ``"batch"``; each callable runs one full training step.
+    """
+    import peft
+
+    import fastadalora
+
+    torch.manual_seed(seed)
+    vocab = 512
+    if kind == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                         intermediate_size=4 * hidden, max_position_embeddings=max(64, seq), hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, num_labels=2, attn_implementation="eager")
+        base = BertForSequenceClassification(cfg)
+        targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+        heads, task = ["classifier"], "SEQ_CLS"
+        labels = torch.randint(0, 2, (batch,))
+    elif kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=4, n_positions=max(64, seq),
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                         loss_type="ForCausalLM", attn_implementation="eager")
+        base = GPT2LMHeadModel(cfg)
+        targets = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+        heads, task = None, "CAUSAL_LM"
+        labels = None
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    base = base.to(device)
+    ids = torch.randint(1, vocab, (batch, seq))
+    batch_d = {"input_ids": ids.to(device), "labels": (ids if labels is None else labels).to(device)}
+
+    b_peft, b_lora = copy.deepcopy(base), copy.deepcopy(base)
+    fifo = kind == "gpt2"  # GPT-2's Conv1D stores its weight (in, out)
+    ours = fastadalora.get_adalora_model(base, _fa_config(init_r, targets, modules_to_save=heads,
+                                                          fan_in_fan_out=fifo))
+    pa = peft.get_peft_model(b_peft, _peft_adalora_config(init_r, targets, modules_to_save=heads, task_type=task,
+                                                          fan_in_fan_out=fifo))
+    inner = pa.base_model.model
+    with torch.no_grad():
+        for path, layer in ours.adapter_layers().items():
+            mod = inner.get_submodule(path)
+            layer.lora_E.normal_()
+            for name in ("lora_A", "lora_E", "lora_B"):
+                getattr(mod, name)["default"].copy_(getattr(layer, name))
+            mod.ranknum["default"].requires_grad_(False)
+    pl = peft.get_peft_model(b_lora, peft.LoraConfig(r=init_r, lora_alpha=LORA_ALPHA, target_modules=targets,
+                                                     modules_to_save=heads, task_type=task,
+                                                     fan_in_fan_out=fifo))
+    models = {"ours": ours, "peft_adalora": pa, "peft_lora": pl}
+    steps = {}
+    for name, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        if name == "ours":
+            allocate = m.update_and_allocate
+        elif name == "peft_adalora":
+            allocate = m.base_model.update_and_allocate
+        else:
+            allocate = None
+
+        def step(m=m, opt=opt, allocate=allocate):
+            loss = m(**batch_d).loss
+            loss.backward()
+            opt.step()
+            if allocate is not None:
+                allocate(MASK_STEP)
+            opt.zero_grad(set_to_none=True)
+        steps[name] = step
+    return {**steps, "models": models, "batch": batch_d}
+
+
+# ============================================================================ cases
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def layer_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, modes, device: torch.device,
+               repeats: int = 10, warmup: int = 2) -> list[dict]:
+    s = setup_layers(n, d_in, d_out, r, dtype, device)
+    rows = []
+    for mode in modes:
+        t = interleaved(layer_callables(s, mode), device, repeats=repeats, warmup=warmup)
+        over_ours, over_peft = t["ours"] - t["bare"], t["peft_adalora"] - t["bare"]
+        over_lora = t["peft_lora"] - t["bare"]
+        rows.append({
+            "case": "layer", "mode": mode, "shape": f"N={n} {d_in}->{d_out} r={r}", "dtype": _dtype_name(dtype),
+            "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
+            "peft_lora": t["peft_lora"], "bare": t["bare"],
+            "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]), "ratio_vs_lora": ratio(t["ours"], t["peft_lora"]),
+            "overhead_ours": over_ours, "overhead_peft": over_peft, "overhead_lora": over_lora,
+            # a negative or zero PEFT overhead (noise on tiny shapes) gives NaN, never a crash
+            "overhead_ratio": ratio(over_ours, over_peft) if over_peft > 0 else float("nan"),
+        })
+    return rows
+
+
+def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves while ``fn()`` runs, excluding ``exclude`` (by storage)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: set[tuple] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if ptr not in skip and key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return total
+
+
+def memory_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device,
+                dropout: float) -> list[dict]:
+    s = setup_layers(n, d_in, d_out, r, dtype, device, dropout=dropout)
+    x = s["x"]
+    res = {}
+    for name in ("bare", "ours", "peft_adalora", "peft_lora"):
+        layer = s[name]
+        params = list(layer.parameters()) + list(layer.buffers())
+        res[name] = saved_bytes(lambda layer=layer: layer(x), params + [x])
+    return [{
+        "case": "saved_activations", "mode": f"dropout={dropout}", "shape": f"N={n} {d_in}->{d_out} r={r}",
+        "dtype": _dtype_name(dtype), "device": device.type, "unit": "bytes", "ours": res["ours"],
+        "peft_adalora": res["peft_adalora"], "peft_lora": res["peft_lora"], "bare": res["bare"],
+        "ratio_vs_adalora": ratio(res["ours"], res["peft_adalora"]), "ratio_vs_lora": ratio(res["ours"], res["peft_lora"]),
+    }]
+
+
+def allocator_case(num_layers: int, hidden: int, init_r: int, device: torch.device, repeats: int = 10,
+                   warmup: int = 2) -> list[dict]:
+    s = setup_deep_models(num_layers, hidden, init_r, device)
+    ours, theirs = s["ours"], s["peft_adalora"]
+    fns = {"ours": lambda: ours.update_and_allocate(MASK_STEP),
+           "peft_adalora": lambda: theirs.base_model.update_and_allocate(MASK_STEP)}
+    t = interleaved(fns, device, repeats=repeats, warmup=warmup)
+    return [{
+        "case": "update_and_allocate", "mode": f"masking step {MASK_STEP}",
+        "shape": f"{num_layers}x6={s['num_adapters']} adapters, width {hidden}, init_r={init_r}",
+        "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
+        "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
+    }]
+
+
+def orth_case(num_layers: int, hidden: int, init_r: int, device: torch.device, repeats: int = 10,
+              warmup: int = 2) -> list[dict]:
+    s = setup_deep_models(num_layers, hidden, init_r, device)
+    ours, theirs = s["ours"], s["peft_adalora"]
+
+    def run_ours():
+        ours.orth_reg_loss().backward()
+
+    def run_peft():
+        peft_orth_reg(theirs).backward()
+
+    t = interleaved({"ours": run_ours, "peft_adalora": run_peft}, device, repeats=repeats, warmup=warmup)
+    with torch.no_grad():
+        agree = abs(float(ours.orth_reg_loss()) - float(peft_orth_reg(theirs)))
+    return [{
+        "case": "orth_reg", "mode": "forward+backward",
+        "shape": f"{num_layers}x6={s['num_adapters']} adapters, width {hidden}, init_r={init_r}",
+        "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
+        "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]), "note": f"|R_ours - R_peft| = {agree:.1e}",
+    }]
+
+
+def train_step_case(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
+                    device: torch.device, repeats: int = 6, warmup: int = 1) -> list[dict]:
+    s = setup_train_models(kind, num_layers, hidden, init_r, batch, seq, device)
+    t = interleaved({k: s[k] for k in ("ours", "peft_adalora", "peft_lora")}, device, repeats=repeats, warmup=warmup)
+    return [{
+        "case": "train_step", "mode": f"{kind}: fwd+bwd+AdamW+allocate",
+        "shape": f"{num_layers} layers, hidden {hidden}, batch {batch}x{seq}, init_r={init_r}",
+        "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
+        "peft_lora": t["peft_lora"], "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
+        "ratio_vs_lora": ratio(t["ours"], t["peft_lora"]),
+    }]
+
+
+# ============================================================================ plans
+def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
+    """The list of ``(case function name, kwargs)`` to run: tiny with ``quick``, a representative
+    subset on CPU (the full summary stays within minutes), the full grid on CUDA."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    modes = ("forward", "backward", "full")
+    if quick:
+        return [
+            ("layer_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, modes=modes, repeats=3, warmup=1)),
+            ("memory_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, dropout=0.0)),
+            ("memory_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, dropout=0.1)),
+            ("allocator_case", dict(num_layers=2, hidden=32, init_r=4, repeats=3, warmup=1)),
+            ("orth_case", dict(num_layers=2, hidden=32, init_r=4, repeats=3, warmup=1)),
+            ("train_step_case", dict(kind="bert", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
+            ("train_step_case", dict(kind="gpt2", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
+        ]
+    cases: list[tuple[str, dict]] = []
+    if device.type == "cuda":
+        for d in (768, 1024, 4096):
+            for n in (512, 2048, 8192):
+                for r in ((8, 12, 64) if d == 1024 else (12,)):
+                    for dtype in (f32, bf16) if torch.cuda.is_bf16_supported() else (f32,):
+                        cases.append(("layer_case", dict(n=n, d_in=d, d_out=d, r=r, dtype=dtype, modes=modes,
+                                                         repeats=30, warmup=5)))
+        cases.append(("layer_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, modes=modes, repeats=50)))
+        mem = dict(n=4096, d_in=1024, d_out=1024, r=12)
+        cases += [("memory_case", dict(**mem, dtype=bf16 if torch.cuda.is_bf16_supported() else f32, dropout=p))
+                  for p in (0.0, 0.1)]
+        train = dict(num_layers=12, hidden=768, init_r=12, batch=8, seq=512, repeats=10, warmup=3)
+    else:
+        cases += [
+            # the issue's headline case first
+            ("layer_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, modes=modes, repeats=10)),
+            ("layer_case", dict(n=2048, d_in=768, d_out=768, r=8, dtype=f32, modes=("full",), repeats=10)),
+            ("layer_case", dict(n=8192, d_in=768, d_out=768, r=12, dtype=f32, modes=("full",), repeats=6)),
+            ("layer_case", dict(n=512, d_in=4096, d_out=4096, r=64, dtype=f32, modes=("full",), repeats=6)),
+            ("layer_case", dict(n=2048, d_in=1024, d_out=1024, r=12, dtype=bf16, modes=("full",), repeats=6)),
+        ]
+        cases += [("memory_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, dropout=p)) for p in (0.0, 0.1)]
+        train = dict(num_layers=4, hidden=256, init_r=12, batch=8, seq=128, repeats=8, warmup=2)
+    cases += [
+        ("allocator_case", dict(num_layers=24, hidden=256, init_r=12, repeats=10)),
+        ("orth_case", dict(num_layers=24, hidden=256, init_r=12, repeats=10)),
+        ("train_step_case", dict(kind="bert", **train)),
+        ("train_step_case", dict(kind="gpt2", **train)),
+    ]
+    return cases
+
+
+def run_case(name: str, kwargs: dict, device: torch.device) -> list[dict]:
+    fn = globals()[name]
+    if name in ("layer_case", "memory_case", "allocator_case", "orth_case", "train_step_case"):
+        return fn(device=device, **kwargs)
+    raise ValueError(f"unknown case {name!r}")
+
+
+def finite_positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
