@@ -5,21 +5,21 @@ tensors) for one adapted linear layer, N tokens, ``elt`` bytes per element.  Wei
 A, B: r×(in+out)) are counted once per GEMM that reads them.  Every GEMM is assumed to read its
 operands and write its result exactly once (ideal tiling; real GEMMs may re-read tiles from L2).
 
-**fastadalora, fused Triton path** (``kernels/adapter_forward.py`` and friends)::
+**fastadalora, fused Triton path** (``kernels/adapter_forward.py``, ``kernels/adapter_backward.py``)::
 
     forward
-      base GEMM        read x (N·in) + W (in·out), write y (N·out)
-      shrink           read x (N·in) + A (r·in),  write h (N·r)           h = x·Aᵀ
-      expand epilogue  read h (N·r) + B (out·r), read y (N·out), write y (N·out)
-                       (diag(E)·scale as a prologue on h, the add into y in place)
+      base GEMM        read x (N·in) + W (in·out), write y (N·out)              (cuBLAS)
+      shrink           read x (N·in) + A (r·in), write h and s (2·N·r)          h = x·Aᵀ, s = h·E·scale
+      expand           read s (N·r) + B (out·r), read y (N·out), write y (N·out)  y += s·Bᵀ in place
     backward
-      base dx GEMM     read gy (N·out) + W, write dx (N·in)
-      adapter grad_h   read gy (N·out) + B, write gh (N·r)                gh = gy·B
-      dB               read gy (N·out), read h (N·r)                       (fused with gh: one gy read)
-      dA, dx epilogue  read gh (N·r), read x (N·in), read+write dx (2·N·in)  dx += (gh·e·scale)·A
-      dE               reduced from per-block partial sums (negligible)
+      base dx GEMM     read gy (N·out) + W, write dx (N·in)                     (cuBLAS)
+      grad_s           read gy (N·out) + B, read h, write dh (2·N·r)            dh = (gy·B)·E·scale, dE partials
+      grad_x           read dh (N·r) + A, read+write dx (2·N·in)                dx += dh·A in place
+      grad_a           read dh (N·r), read x (N·in)                             dA = dhᵀ·x
+      grad_b           read gy (N·out), read h (N·r)                            dB = gyᵀ·(h·E·scale)
 
-  → adapter-only extra per forward ≈ N·in + 2·N·r + 2·N·out; per backward ≈ N·out + 3·N·in + 3·N·r.
+  → adapter-only extra per forward ≈ N·in + 2·N·out + 3·N·r; per backward ≈ 2·N·out + 3·N·in + 5·N·r.
+    With dropout nothing changes: the keep-mask is regenerated from a seed inside the kernels.
 
 **PEFT 0.21 ``SVDLinear``, eager** (``result += (dropout(x) @ (A*E).T @ B.T) * scaling / (ranknum+1e-5)``)::
 
@@ -59,11 +59,9 @@ def hbm_bytes(n: int, d_in: int, d_out: int, r: int, elt: int, dropout: bool = F
     bare_f = x + w + y
     bare_b = y + w + x  # dx = gy·W (the base weight is frozen: no dW)
 
-    ours_f = bare_f + (x + r * d_in + h) + (h + r * d_out + 2 * y)
-    ours_b = bare_b + (y + r * d_out + h) + h + (h + r * d_in + x + 2 * x)
-    if dropout:  # the keep-mask is regenerated from a seed in the kernels: x is re-read, never stored
-        ours_f += 0
-        ours_b += 0
+    # shrink, expand | grad_s, grad_x, grad_a, grad_b (see the docstring); dropout adds no traffic
+    ours_f = bare_f + (x + r * d_in + 2 * h) + (h + r * d_out + 2 * y)
+    ours_b = bare_b + (y + r * d_out + 2 * h) + (h + r * d_in + 2 * x) + (h + x) + (y + h)
 
     peft_f = bare_f + drop_f + (x + h) + (h + y) + 2 * y + 2 * y + 3 * y + ab
     peft_b = bare_b + 4 * y + 2 * y + h + x + x + drop_b + 3 * x + ab
