@@ -8,11 +8,17 @@ Semantics are PEFT 0.21's ``AdaLoraModel.update_and_allocate`` (see ``reference`
   reset the EMAs;
 * ``t >  T - tfinal``: re-zero E from the kept pattern every step.
 
-The work is a constant number of torch ops however many layers there are, with no host sync:
-parameters and gradients are gathered into one flat buffer each (``[A… | B… | E…]``), the EMAs
-live in two flat buffers, the per-triplet means are one ``index_add_`` (CPU) or are fused into the
-Triton sensitivity kernel (CUDA), the threshold is one ``kthvalue`` and E is rewritten with one
-``torch._foreach_copy_``.  ``rank_pattern`` (a host list of bools) is only built when read.
+The work is a constant number of torch ops however many layers there are (it grows only with the
+number of distinct adapter shapes), with no host sync.  A ``FlatAdapterStore`` lays every adapter
+Parameter out in one flat buffer ``P`` (``[A… | B… | E…]``, layers grouped by shape) and the
+backends' backward writes the gradients into a twin buffer ``G``, so on the fast path nothing is
+gathered: ``|P·G|``, the EMAs (two flat buffers) and ``s = Ī·Ū`` are one op each over everything,
+the per-triplet means one ``mean`` per distinct shape (CPU) or fused into the Triton sensitivity
+kernel (CUDA), the threshold one ``kthvalue`` and the mask one ``masked_fill_`` on the E segment
+of ``P``.  Every step first checks (host ints only) that the parameters and gradients are where the
+layout says; gradients found elsewhere are gathered (one ``_foreach_copy_``), parameters found
+moved or replaced are laid out again.  ``rank_pattern`` (a host list of bools) is only built when
+read.
 
 Differences from PEFT, on purpose: the initial budget is the sum of the layers' current ranks (so
 a model resized to a saved rank pattern resumes instead of crashing), ``k = 0`` prunes nothing
@@ -29,6 +35,7 @@ from torch import nn
 
 from . import reference
 from .backends import resolve_backend
+from .flat_store import FlatAdapterStore, layer_shape
 
 _PARTS = ("lora_A", "lora_B", "lora_E")
 
@@ -79,66 +86,43 @@ class RankAllocator:
         self._build(keep_state=False)
 
     # ------------------------------------------------------------------ layout
-    def _collect(self):
-        As, Bs, Es, shapes = [], [], [], []
-        for name, layer in self.named_layers:
-            A, E, B = layer.lora_A, layer.lora_E, layer.lora_B
-            r = A.shape[0]
-            if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r or E.numel() != r or E.shape[0] != r:
-                raise ValueError(f"RankAllocator: layer {name!r} has inconsistent adapter shapes "
-                                 f"lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)}, lora_B {tuple(B.shape)}")
-            As.append(A)
-            Bs.append(B)
-            Es.append(E)
-            shapes.append((int(r), int(A.shape[1]), int(B.shape[0])))
-        return As, Bs, Es, shapes
-
     def _build(self, keep_state: bool) -> None:
-        As, Bs, Es, shapes = self._collect()
+        model_shapes = [layer_shape(n, m) for n, m in self.named_layers]  # validates before anything moves
         saved = None
-        if keep_state and shapes == getattr(self, "_shapes", None):
+        if keep_state and model_shapes == getattr(self, "_model_shapes", None):
+            # the flat layout is a function of the shapes: the state carries over as is
             saved = (self._ipt, self._unc, self._keep, self._final_keep, self.init_bgt)
-        self._As, self._Bs, self._Es = As, Bs, Es
-        self._params = As + Bs + Es  # the flat layout [A… | B… | E…]
-        names = [n for n, _ in self.named_layers]
-        self._param_names = ([f"{n}.lora_A" for n in names] + [f"{n}.lora_B" for n in names]
-                             + [f"{n}.lora_E" for n in names])
-        self._shapes = shapes
-        self.ranks = [s[0] for s in shapes]
+        params = [getattr(m, part) for _, m in self.named_layers for part in _PARTS]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"RankAllocator: all adapter parameters must be on one device, found {devices}")
+        store = FlatAdapterStore(self.named_layers)
+        self._store = store
+        self._model_shapes = model_shapes
+        self._shapes = store.shapes  # flat (grouped) order
+        self._params = store.params  # the flat layout [A… | B… | E…], grouped by shape
+        self._param_names = store.names
+        L = len(model_shapes)
+        self._As, self._Bs, self._Es = self._params[:L], self._params[L:2 * L], self._params[2 * L:]
+        self.ranks = [s[0] for s in model_shapes]  # model order
         self.n_triplets = sum(self.ranks)
         self.init_bgt = self.n_triplets
-        self.target_bgt = self.target_r * len(shapes)
+        self.target_bgt = self.target_r * L
         if not self._params:
             self._device, self._dtype = torch.device("cpu"), torch.get_default_dtype()
         else:
-            devices = {p.device for p in self._params}
-            if len(devices) > 1:
-                raise ValueError(f"RankAllocator: all adapter parameters must be on one device, found {devices}")
             self._device = devices.pop()
             self._dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
         self._probe = (self._params[0].device, self._params[0].dtype) if self._params else None
-        self._n_a = sum(r * i for r, i, _ in shapes)
-        self._n_b = sum(r * o for r, _, o in shapes)
-        n = self._n_a + self._n_b + self.n_triplets
+        self._n_a, self._n_b = store.n_a, store.n_b
+        n = store.n
         self._ipt = torch.zeros(n, dtype=self._dtype, device=self._device)
         self._unc = torch.zeros(n, dtype=self._dtype, device=self._device)
-        self._keep: torch.Tensor | None = None  # the latest mask, one flag per triplet
+        self._work: torch.Tensor | None = None  # scratch: |p·g|, then s = Ī·Ū
+        self._means: torch.Tensor | None = None  # scratch: per-triplet means of s over A rows | B columns
+        self._canon: dict[str, torch.Tensor | None] = {}  # model-order <-> flat-order indices, built when needed
+        self._keep: torch.Tensor | None = None  # the latest mask, one flag per triplet (flat order)
         self._final_keep: torch.Tensor | None = None  # the pattern fixed at t == T - tfinal
-        # CPU path: A/B element -> bucket (A part of triplet i: i, B part: R + i), and the counts
-        R = self.n_triplets
-        idx, cnt, t0 = [], [], 0
-        for r, fan_in, _ in shapes:
-            idx.append((t0 + torch.arange(r)).repeat_interleave(fan_in))
-            cnt.append(torch.full((r,), float(fan_in), dtype=torch.float64))
-            t0 += r
-        t0 = 0
-        for r, _, fan_out in shapes:
-            idx.append((R + t0 + torch.arange(r)).repeat(fan_out))
-            t0 += r
-        for r, _, fan_out in shapes:
-            cnt.append(torch.full((r,), float(fan_out), dtype=torch.float64))
-        self._bucket = (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)).to(self._device)
-        self._counts = (torch.cat(cnt) if cnt else torch.zeros(0, dtype=torch.float64)).to(self._device, self._dtype)
         self._table: torch.Tensor | None = None  # Triton triplet table, built on first use
         if saved is not None:  # same layout: keep the state, on the parameters' device and dtype
             ipt, unc, keep, final_keep, self.init_bgt = saved
@@ -148,12 +132,23 @@ class RankAllocator:
             self._final_keep = None if final_keep is None else final_keep.to(self._device)
 
     def refresh(self) -> None:
-        """Re-read the layers' parameters (after a layer's Parameters were replaced).
+        """Re-read the layers' parameters (after a layer's Parameters were replaced, moved or cast).
 
         With unchanged shapes the state is kept; otherwise (e.g. resized to a saved rank) the
-        budget is re-read from the new ranks and the EMAs and masks start afresh.
+        budget is re-read from the new ranks and the EMAs and masks start afresh.  The parameters
+        are laid out into a fresh flat buffer.  ``update_and_allocate`` calls this by itself when
+        it finds the parameters replaced or moved.
         """
         self._build(keep_state=True)
+
+    def _current(self) -> bool:
+        """The layout still describes the layers' parameters (host-side checks only)."""
+        if not self._store.params_current():
+            return False
+        if self._store.flat:
+            return True
+        p0 = self._params[0]
+        return (p0.device, p0.dtype) == self._probe
 
     # ------------------------------------------------------------------ schedule
     def budget_schedule(self, step: int) -> tuple[int, bool]:
@@ -169,8 +164,7 @@ class RankAllocator:
         self.last_step = step
         if not self._params:
             return
-        p0 = self._params[0]
-        if (p0.device, p0.dtype) != self._probe:  # the model was moved or cast after we were built
+        if not self._current():  # parameters replaced, moved or cast since the layout was built
             self.refresh()
         with torch.no_grad():
             if step < switch:
@@ -187,25 +181,32 @@ class RankAllocator:
             else:
                 keep = self._final_keep if self._final_keep is not None else self._keep
                 if keep is not None:  # no pattern yet (e.g. a model resized to its kept ranks): nothing to mask
-                    mask_from_pattern(self._Es, keep)
+                    self._apply_keep(keep)
 
     def _use_triton(self) -> bool:
         return (self._dtype in (torch.float32, torch.float16, torch.bfloat16)
                 and resolve_backend(self._params[0]) == "triton")
 
+    def _flat_grads(self) -> torch.Tensor:
+        """The gradients in the flat layout: the store's ``G`` itself when they are there, else gathered."""
+        store = self._store
+        aligned = store.grads_aligned()
+        if aligned is None:
+            name, p = store.missing_grad()
+            raise RuntimeError(
+                f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "
+                "and before optimizer.zero_grad() (zero_grad(set_to_none=True) drops the gradients the "
+                "sensitivity needs), and make sure every adapter parameter takes part in the loss."
+                + ("" if p.requires_grad else f" ({name} has requires_grad=False.)")
+            )
+        if aligned and store.G.dtype == self._dtype:
+            return store.G
+        return store.gather_grads(self._dtype)
+
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        grads = [p.grad for p in self._params]
-        for name, p, g in zip(self._param_names, self._params, grads):
-            if g is None:
-                raise RuntimeError(
-                    f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "
-                    "and before optimizer.zero_grad() (zero_grad(set_to_none=True) drops the gradients the "
-                    "sensitivity needs), and make sure every adapter parameter takes part in the loss."
-                    + ("" if p.requires_grad else f" ({name} has requires_grad=False.)")
-                )
-        p_flat = torch.cat([p.reshape(-1) for p in self._params]).to(self._dtype)
-        g_flat = torch.cat([g.reshape(-1) for g in grads]).to(self._dtype)
-        return p_flat, g_flat
+        """``(p_flat, g_flat)``; views of the store's buffers when the fast path applies (do not modify)."""
+        g_flat = self._flat_grads()
+        return self._store.gather_params(self._dtype), g_flat
 
     def _triton_table(self) -> torch.Tensor:
         if self._table is None:
@@ -213,6 +214,12 @@ class RankAllocator:
 
             self._table = triplet_table(self._shapes, self._device)
         return self._table
+
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._work is None:
+            self._work = torch.empty_like(self._ipt)
+            self._means = torch.empty(2 * self.n_triplets, dtype=self._dtype, device=self._device)
+        return self._work, self._means
 
     def _update_scores(self) -> torch.Tensor:
         """Update Ī, Ū in place from the current p and p.grad; return the (R,) triplet scores."""
@@ -222,7 +229,8 @@ class RankAllocator:
 
             return sensitivity_scores(p_flat, g_flat, self._ipt, self._unc, self._triton_table(),
                                       self.beta1, self.beta2, update=True)
-        ipt = p_flat.mul_(g_flat).abs_()  # I = |p·g|  (p_flat is our own copy)
+        work, _ = self._scratch()
+        ipt = torch.mul(p_flat, g_flat, out=work).abs_()  # I = |p·g|
         self._ipt.mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
         self._unc.mul_(self.beta2).add_(ipt.sub_(self._ipt).abs_(), alpha=1 - self.beta2)
         return self._triplet_scores_torch()
@@ -236,13 +244,12 @@ class RankAllocator:
         return self._triplet_scores_torch()
 
     def _triplet_scores_torch(self) -> torch.Tensor:
-        """``S = s_E + (mean_j s_A + mean_k s_B)`` for every triplet at once (one index_add_)."""
+        """``S = s_E + (mean_j s_A + mean_k s_B)`` for every triplet: one ``mean`` per distinct shape and part."""
         R = self.n_triplets
-        s = self._ipt * self._unc
-        n_ab = self._n_a + self._n_b
-        sums = torch.zeros(2 * R, dtype=s.dtype, device=s.device).index_add_(0, self._bucket, s[:n_ab])
-        means = sums.div_(self._counts)
-        return s[n_ab:].add_(means[:R].add_(means[R:]))
+        work, means = self._scratch()
+        s = torch.mul(self._ipt, self._unc, out=work)
+        self._store.triplet_means(s, means)
+        return s[self._n_a + self._n_b:].add_(means[:R].add_(means[R:]))
 
     def _mask_to_budget(self, scores: torch.Tensor, budget: int) -> None:
         k = min(max(self.init_bgt - int(budget), 0), self.n_triplets)
@@ -252,7 +259,34 @@ class RankAllocator:
             threshold = torch.kthvalue(scores, k).values
             keep = scores > threshold
         self._keep = keep
-        mask_from_pattern(self._Es, keep)
+        self._apply_keep(keep)
+
+    def _apply_keep(self, keep: torch.Tensor) -> None:
+        """Zero every E entry whose flag is False: one ``masked_fill_`` on the flat E segment."""
+        if self._store.flat:
+            self._store.e_segment().masked_fill_(keep.logical_not(), 0)
+        else:
+            mask_from_pattern(self._Es, keep)
+
+    # ------------------------------------------------------------------ model order
+    def _canonical(self, kind: str) -> torch.Tensor | None:
+        """Positions in the flat layout of the model-order entries (``"elements"`` or ``"triplets"``)."""
+        if kind not in self._canon:
+            pieces = (self._store.canonical_element_index() if kind == "elements"
+                      else self._store.canonical_triplet_index())
+            self._canon[kind] = None if pieces is None else torch.cat(pieces).to(self._device)
+        return self._canon[kind]
+
+    def _to_model_order(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        idx = self._canonical(kind)
+        return t.detach().clone() if idx is None else t.detach()[idx.to(t.device)]
+
+    def _from_model_order(self, dst: torch.Tensor, src: torch.Tensor, kind: str) -> torch.Tensor:
+        idx = self._canonical(kind)
+        src = src.to(device=dst.device, dtype=dst.dtype)
+        if idx is None:
+            return dst.copy_(src)
+        return dst.index_copy_(0, idx.to(dst.device), src)
 
     # ------------------------------------------------------------------ patterns
     @property
@@ -261,23 +295,20 @@ class RankAllocator:
         if self._keep is None:
             return None
         flags = self._keep.tolist()
-        pattern, start = {}, 0
-        for (name, _), r in zip(self.named_layers, self.ranks):
-            pattern[f"{name}.lora_E"] = [bool(f) for f in flags[start:start + r]]
-            start += r
-        return pattern
+        return {f"{name}.lora_E": [bool(f) for f in flags[t0:t0 + r]]
+                for (name, _), r, t0 in zip(self.named_layers, self.ranks, self._store.triplet_start)}
 
     def set_rank_pattern(self, rank_pattern: dict[str, list[bool]], final: bool = True) -> None:
         """Adopt a saved pattern (keys ``"<path>.lora_E"``) as the latest mask and, if ``final``, the fixed one."""
-        flags = []
-        for (name, _), r in zip(self.named_layers, self.ranks):
+        flags = [False] * self.n_triplets  # flat order
+        for (name, _), r, t0 in zip(self.named_layers, self.ranks, self._store.triplet_start):
             key = f"{name}.lora_E"
             if key not in rank_pattern:
                 raise KeyError(f"RankAllocator.set_rank_pattern: no entry {key!r} in the rank pattern")
             entry = [bool(f) for f in torch.as_tensor(rank_pattern[key]).reshape(-1).tolist()]
             if len(entry) != r:
                 raise ValueError(f"RankAllocator.set_rank_pattern: {key!r} has {len(entry)} flags, layer has r={r}")
-            flags.extend(entry)
+            flags[t0:t0 + r] = entry
         keep = torch.tensor(flags, dtype=torch.bool, device=self._device)
         self._keep = keep
         if final:
@@ -285,16 +316,20 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs: EMAs, masks, step, and the layout they belong to."""
+        """Everything an exact resume needs: EMAs, masks, step, and the layout they belong to.
+
+        The EMAs and masks are saved in model order (``[A_0…A_{L-1} | B… | E…]``, triplets layer by
+        layer), whatever the flat layout, as fresh tensors.
+        """
         return {
             "names": [n for n, _ in self.named_layers],
             "ranks": list(self.ranks),
             "init_bgt": self.init_bgt,
             "last_step": self.last_step,
-            "ipt": self._ipt.detach().clone(),
-            "unc": self._unc.detach().clone(),
-            "keep": None if self._keep is None else self._keep.clone(),
-            "final_keep": None if self._final_keep is None else self._final_keep.clone(),
+            "ipt": self._to_model_order(self._ipt, "elements"),
+            "unc": self._to_model_order(self._unc, "elements"),
+            "keep": None if self._keep is None else self._to_model_order(self._keep, "triplets"),
+            "final_keep": None if self._final_keep is None else self._to_model_order(self._final_keep, "triplets"),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -305,13 +340,16 @@ class RankAllocator:
                 f"{list(zip(sd['names'], sd['ranks']))}, this allocator has {list(zip(names, self.ranks))}"
             )
         with torch.no_grad():
-            self._ipt.copy_(sd["ipt"])
-            self._unc.copy_(sd["unc"])
+            self._from_model_order(self._ipt, sd["ipt"], "elements")
+            self._from_model_order(self._unc, sd["unc"], "elements")
         self.init_bgt = int(sd.get("init_bgt", self.init_bgt))
         self.last_step = sd.get("last_step")
 
         def _mask(t):
-            return None if t is None else t.to(device=self._device, dtype=torch.bool).clone()
+            if t is None:
+                return None
+            return self._from_model_order(torch.empty(self.n_triplets, dtype=torch.bool, device=self._device),
+                                          t.reshape(-1), "triplets")
 
         self._keep = _mask(sd.get("keep"))
         self._final_keep = _mask(sd.get("final_keep"))

@@ -37,7 +37,12 @@ class AdaLoraLinear(nn.Module):
         fan_in_fan_out: True for ``Conv1D``, whose weight is stored (in, out).
         init_lora_weights: PEFT's init (E=0, A,B ~ N(0, 0.02)); False keeps ``randn``.
         name: the module's path in its model, used in error messages.
+
+    ``_grad_sink`` (None unless the allocator's ``FlatAdapterStore`` set it) tells the backward
+    where to write the adapter's gradients; see ``fastadalora.flat_store``.
     """
+
+    _grad_sink = None
 
     def __init__(self, base_layer: nn.Module, r: int = 12, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  fan_in_fan_out: bool = False, init_lora_weights: bool = True, name: str | None = None) -> None:
@@ -146,8 +151,11 @@ class AdaLoraLinear(nn.Module):
             return self.base_layer(x)
         self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
+        sink = self._grad_sink
+        if sink is not None and torch.compiler.is_compiling():
+            sink = None  # compiled graphs trace the plain path
         return adalora_linear(x, self._base_weight(), self.base_layer.bias, self.lora_A, self.lora_E, self.lora_B,
-                              self.scale, None, p)
+                              self.scale, None, p, grad_sink=sink)
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self) -> torch.Tensor:

@@ -292,18 +292,19 @@ def _ops_at(n_layers, step, warm_steps, dtype=torch.float64):
 @pytest.mark.parametrize("step,warm", [(4, [0, 1, 2, 3]), (15, [13, 14]), (17, [14, 15, 16])],
                          ids=["mask-step", "phase-switch", "final-phase"])
 def test_op_count_independent_of_layer_count(step, warm):
-    two, eight = _ops_at(2, step, warm), _ops_at(8, step, warm)
+    # 3 vs 9 layers of the same 3 shapes: the count may follow the number of distinct shapes, never L
+    two, eight = _ops_at(3, step, warm), _ops_at(9, step, warm)
     assert two == eight, (two, eight)
     assert "_local_scalar_dense" not in two  # no .item() / .tolist() / bool(tensor)
     print(f"{step}: {len(two)} ops: {two}")
-    if step == 4:
-        assert "kthvalue" in two and "index_add_" in two and "_foreach_copy_" in two
+    if step == 4:  # hand-assigned gradients: gathered with one _foreach_copy_; means per shape; one masked_fill_
+        assert "kthvalue" in two and "mean" in two and "_foreach_copy_" in two and "masked_fill_" in two
 
 
 def test_op_count_independent_of_layer_count_triton():
     """The Triton path too (under the interpreter the launch adds its own constant argument copies)."""
     with use_backend("triton"):
-        two, eight = _ops_at(2, 4, [3], torch.float32), _ops_at(8, 4, [3], torch.float32)
+        two, eight = _ops_at(3, 4, [3], torch.float32), _ops_at(9, 4, [3], torch.float32)
     assert two == eight, (two, eight)
     assert "_local_scalar_dense" not in two and "kthvalue" in two and "index_add_" not in two
 

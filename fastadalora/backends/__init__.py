@@ -2,7 +2,7 @@
 
 Every backend module exposes the same contract::
 
-    adapter_linear(x, weight, bias, A, E, B, scale, mask, dropout_p) -> y
+    adapter_linear(x, weight, bias, A, E, B, scale, mask, dropout_p, *, grad_sink=None) -> y
 
 * ``x``      (N, in), any strides, dtype equal to the adapter's;
 * ``weight`` (out, in) frozen base weight (may be a transposed view, e.g. GPT-2 ``Conv1D``);
@@ -10,7 +10,13 @@ Every backend module exposes the same contract::
 * ``A`` (r, in), ``E`` (r, 1), ``B`` (out, r): the trainable adapter (lora_A, lora_E, lora_B);
 * ``scale``  python float, ``scaling / (ranknum + 1e-5)``;
 * ``mask``   (r,) multiplier on E, or None;
-* ``dropout_p`` float; 0 means no dropout (the caller passes 0 in eval mode).
+* ``dropout_p`` float; 0 means no dropout (the caller passes 0 in eval mode);
+* ``grad_sink`` optional, keyword only: a ``fastadalora.flat_store.GradSink`` (the layer's
+  ``_grad_sink``, set by the allocator's flat store).  In backward a backend *may* call
+  ``grad_sink.claim(ctx, (need_A, need_E, need_B))`` and write each gradient into the view it
+  returns for that slot (a fresh tensor shaped like the parameter), returning that view as the
+  gradient; for a None slot it returns a fresh tensor as usual.  Ignoring the sink is always
+  correct (the allocator then gathers the gradients).  Never passed while compiling.
 
 and returns ``y = x·Wᵀ + b + (dropout(x)·(A⊙(E·mask))ᵀ·Bᵀ)·scale`` with shape (N, out).
 

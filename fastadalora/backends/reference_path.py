@@ -7,7 +7,8 @@ import torch
 from .. import reference
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, *, grad_sink=None):
+    # grad_sink is ignored: plain autograd returns fresh gradients (the allocator gathers them)
     keep = None
     if dropout_p > 0.0:
         keep = reference.dropout_keep_mask(x.shape, dropout_p, device=x.device)

@@ -16,6 +16,9 @@ mask is regenerated from the seed in backward, never stored.  Backward::
     dB = grad_b(g, h, e, scale)                kernel: gᵀ·s
     dW = gᵀ·x, db = Σ g                        torch, only when required
 
+With a ``grad_sink`` (``fastadalora.flat_store.GradSink``, never while compiling) dA, dE and dB
+are copied into the slots it hands out (views of the allocator's flat gradient buffer).
+
 Each launcher is a ``torch.library.custom_op`` (namespace ``fastadalora``) with a fake
 implementation, so ``torch.compile`` traces the op without graph breaks.
 """
@@ -112,7 +115,7 @@ def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
 class AdapterLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float):
+    def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, grad_sink=None):
         seed = _draw_seed() if dropout_p > 0.0 else 0
         A, B = A.contiguous(), B.contiguous()
         e, _ = _rank_vectors(E, mask)
@@ -122,6 +125,7 @@ class AdapterLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h, weight, A, E, B, mask)
         ctx.seed, ctx.scale, ctx.dropout_p = seed, scale, dropout_p
         ctx.has_bias = bias is not None
+        ctx.grad_sink = grad_sink
         return y
 
     @staticmethod
@@ -131,6 +135,8 @@ class AdapterLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
         e, m = _rank_vectors(E, mask)
         dx = dW = db = dA = dE = dB = None
+        sink = ctx.grad_sink
+        oA, oE, oB = (None, None, None) if sink is None else sink.claim(ctx, (need_A, need_E, need_B))
         if need_x or need_A or need_E:
             dh, dE_full = grad_s(g, B, h, e, m, scale)
             if need_x:
@@ -138,16 +144,20 @@ class AdapterLinearFunction(torch.autograd.Function):
                 grad_x_(dx, dh, A, seed, p)
             if need_A:
                 dA = grad_a(dh, x, seed, p)
+                if oA is not None:
+                    dA = oA.copy_(dA)
             if need_E:
-                dE = dE_full.to(E.dtype).view_as(E)
+                dE = dE_full.to(E.dtype).view_as(E) if oE is None else oE.copy_(dE_full.view_as(E))
         if need_B:
             dB = grad_b(g, h, e, scale)
+            if oB is not None:
+                dB = oB.copy_(dB)
         if need_w:
             dW = torch.mm(g.t(), x)
         if need_b and ctx.has_bias:
             db = g.sum(0)
-        return dx, dW, db, dA, dE, dB, None, None, None
+        return dx, dW, db, dA, dE, dB, None, None, None, None
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
-    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p))
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, *, grad_sink=None):
+    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p), grad_sink)
