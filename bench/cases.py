@@ -120,11 +120,14 @@ def layer_callables(s: dict, mode: str) -> dict:
     return fns
 
 
-def setup_deep_models(num_layers: int, hidden: int, init_r: int, device: torch.device, seed: int = 0) -> dict:
+def setup_deep_models(num_layers: int, hidden: int, init_r: int, device: torch.device, seed: int = 0,
+                      orth_reg_weight: float = 0.5) -> dict:
     """A BERT-style encoder (6 targets per layer), wrapped by fastadalora and by PEFT AdaLoRA.
 
-    Adapter weights are copied across, E set non-zero, and every A, E, B given the same random
-    gradient, so ``update_and_allocate`` and the orthogonal term see identical inputs.
+    Adapter weights are copied across and E set non-zero.  The gradients come from one real
+    forward/backward of our model, as in training (a squared-activation loss, plus
+    ``orth_reg_weight · R``), and are copied into PEFT's parameters, so ``update_and_allocate`` and
+    the orthogonal term see identical inputs on both sides.
     """
     import peft
     from transformers import BertConfig, BertModel
@@ -141,16 +144,22 @@ def setup_deep_models(num_layers: int, hidden: int, init_r: int, device: torch.d
     ours = fastadalora.get_adalora_model(base, _fa_config(init_r, targets))
     theirs = peft.get_peft_model(twin_base, _peft_adalora_config(init_r, targets))
     inner = theirs.base_model.model
+    with torch.no_grad():
+        for layer in ours.adapter_layers().values():
+            layer.lora_E.normal_()
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (4, 32), generator=g).to(device)
+    loss = ours(input_ids=ids).last_hidden_state.square().mean()
+    if orth_reg_weight > 0:
+        loss = loss + orth_reg_weight * ours.orth_reg_loss()
+    loss.backward()
     with torch.no_grad():
         for path, layer in ours.adapter_layers().items():
             mod = inner.get_submodule(path)
-            layer.lora_E.normal_()
             for name in ("lora_A", "lora_E", "lora_B"):
                 p_ours, p_theirs = getattr(layer, name), getattr(mod, name)["default"]
                 p_theirs.copy_(p_ours)
-                grad = torch.randn(p_ours.shape, generator=g).to(device=device, dtype=p_ours.dtype)
-                p_ours.grad, p_theirs.grad = grad.clone(), grad.clone()
+                p_theirs.grad = p_ours.grad.clone()
             mod.ranknum["default"].requires_grad_(False)
     return {"ours": ours, "peft_adalora": theirs, "num_adapters": len(ours.adapter_layers())}
 
@@ -314,17 +323,23 @@ def memory_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, devic
 
 def allocator_case(num_layers: int, hidden: int, init_r: int, device: torch.device, repeats: int = 10,
                    warmup: int = 2) -> list[dict]:
-    s = setup_deep_models(num_layers, hidden, init_r, device)
-    ours, theirs = s["ours"], s["peft_adalora"]
-    fns = {"ours": lambda: ours.update_and_allocate(MASK_STEP),
-           "peft_adalora": lambda: theirs.base_model.update_and_allocate(MASK_STEP)}
-    t = interleaved(fns, device, repeats=repeats, warmup=warmup)
-    return [{
-        "case": "update_and_allocate", "mode": f"masking step {MASK_STEP}",
-        "shape": f"{num_layers}x6={s['num_adapters']} adapters, width {hidden}, init_r={init_r}",
-        "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
-        "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
-    }]
+    """Two rows: gradients from a loss with the orthogonal term (PEFT's default 0.5: autograd sums its
+    A/B gradients outside our flat gradient buffer, so they are gathered) and without it (the
+    layers' gradients land in the flat buffer: nothing to gather)."""
+    rows = []
+    for orth in (0.5, 0.0):
+        s = setup_deep_models(num_layers, hidden, init_r, device, orth_reg_weight=orth)
+        ours, theirs = s["ours"], s["peft_adalora"]
+        fns = {"ours": lambda: ours.update_and_allocate(MASK_STEP),
+               "peft_adalora": lambda: theirs.base_model.update_and_allocate(MASK_STEP)}
+        t = interleaved(fns, device, repeats=repeats, warmup=warmup)
+        rows.append({
+            "case": "update_and_allocate", "mode": f"masking step, orth_reg_weight={orth}",
+            "shape": f"{num_layers}x6={s['num_adapters']} adapters, width {hidden}, init_r={init_r}",
+            "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"],
+            "peft_adalora": t["peft_adalora"], "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
+        })
+    return rows
 
 
 def orth_case(num_layers: int, hidden: int, init_r: int, device: torch.device, repeats: int = 10,
@@ -332,10 +347,18 @@ def orth_case(num_layers: int, hidden: int, init_r: int, device: torch.device, r
     s = setup_deep_models(num_layers, hidden, init_r, device)
     ours, theirs = s["ours"], s["peft_adalora"]
 
+    # As in a training step after zero_grad(set_to_none=True): the term's gradients start from None.
+    ours_params = [p for p in ours.parameters() if p.requires_grad]
+    peft_params = [p for p in theirs.parameters() if p.requires_grad]
+
     def run_ours():
+        for p in ours_params:
+            p.grad = None
         ours.orth_reg_loss().backward()
 
     def run_peft():
+        for p in peft_params:
+            p.grad = None
         peft_orth_reg(theirs).backward()
 
     t = interleaved({"ours": run_ours, "peft_adalora": run_peft}, device, repeats=repeats, warmup=warmup)

@@ -6,10 +6,10 @@ import types
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastadalora.allocator import RankAllocator, mask_from_pattern
 from fastadalora.backends import use_backend
+from op_counter import OpCounter
 
 peft_layer = pytest.importorskip("peft.tuners.adalora.layer")
 peft_model = pytest.importorskip("peft.tuners.adalora.model")
@@ -17,23 +17,6 @@ peft_model = pytest.importorskip("peft.tuners.adalora.model")
 ADAPTER = "default"
 SCHEDULE = dict(init_r=6, target_r=2, tinit=3, tfinal=5, total_step=20, deltaT=2, beta1=0.85, beta2=0.85)
 SHAPES = [(6, 7, 5), (6, 4, 9), (6, 8, 8)]  # (r, in, out)
-
-VIEW_OPS = {"view", "reshape", "_unsafe_view", "split", "split_with_sizes", "unbind", "select", "slice", "as_strided",
-            "t", "transpose", "expand", "squeeze", "unsqueeze", "alias", "detach", "diagonal", "permute", "narrow"}
-
-
-class OpCounter(TorchDispatchMode):
-    """Records the name of every dispatched non-view aten op."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in VIEW_OPS:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------- models

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastadalora import reference
-from fastadalora.backends import get_backend, reference_path, resolve_backend, torch_path, use_backend
+from fastadalora.backends import (draw_dropout_seed, get_backend, reference_path, resolve_backend, torch_path,
+                                  use_backend)
 
 
 def _inputs(N=37, n_in=61, n_out=45, r=5, dtype=torch.float64, bias=True, mask=False, seed=0):
@@ -65,7 +66,7 @@ def test_dropout_mask_same_in_forward_and_backward_and_reproducible():
     p = 0.4
     x, W, b, A, E, B, _ = _inputs()
     torch.manual_seed(7)
-    seed = torch_path._draw_seed()
+    seed = draw_dropout_seed()
     keep = torch_path._dropout_scale(x.detach(), seed, p) != 0
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5  # 4 sigma

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastadalora import reference
-from fastadalora.backends import triton_path
+from fastadalora.backends import draw_dropout_seed, triton_path
 from fastadalora.kernels import adapter_backward, adapter_forward
 from fastadalora.kernels.dropout import dropout_keep_mask
 
@@ -155,7 +155,7 @@ def test_op_dropout_uses_the_same_mask_in_backward(dtype):
     p = 0.3
     inputs = make_adapter(37, 61, 45, 5, dtype)
     torch.manual_seed(123)
-    seed = triton_path._draw_seed()  # the seed the op will draw after the same manual_seed
+    seed = draw_dropout_seed()  # the seed the op will draw after the same manual_seed
     keep = dropout_keep_mask(seed, (37, 61), p, device="cpu")
     torch.manual_seed(123)
     check_op(*inputs, dtype, p=p, keep=keep)
@@ -166,7 +166,7 @@ def test_op_dropout_non_contiguous_x_same_mask():
     x = torch.randn(61, 37).t()
     inputs = make_adapter(37, 61, 45, 5, torch.float32, x=x)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(triton_path._draw_seed(), (37, 61), p, device="cpu")
+    keep = dropout_keep_mask(draw_dropout_seed(), (37, 61), p, device="cpu")
     torch.manual_seed(7)
     check_op(*inputs, torch.float32, p=p, keep=keep)
 

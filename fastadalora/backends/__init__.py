@@ -72,6 +72,15 @@ def resolve_backend(x: torch.Tensor) -> str:
     return "triton" if x.is_cuda else "torch"
 
 
+def draw_dropout_seed() -> int:
+    """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it.
+
+    Every backend draws it in forward and regenerates the keep-mask from it in backward.  It fits
+    Philox's 31-bit seed in the Triton kernels.
+    """
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 def get_backend(name: str):
     """The module implementing backend ``name`` (imported lazily: Triton is optional on CPU)."""
     if _check(name) == "triton":

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from . import draw_dropout_seed
 
-def _draw_seed() -> int:
-    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _dropout_scale(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -51,7 +49,7 @@ class AdapterLinearFunction(torch.autograd.Function):
         seed = None
         xd = x
         if dropout_p > 0.0:
-            seed = _draw_seed()
+            seed = draw_dropout_seed()
             xd = x * _dropout_scale(x, seed, dropout_p)
         h = torch.mm(xd, A.t().contiguous())
         y.addmm_(h * _effective_e(E, mask), B.t(), alpha=scale)

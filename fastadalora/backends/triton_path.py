@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..kernels import adapter_backward as _bwd
 from ..kernels import adapter_forward as _fwd
+from . import draw_dropout_seed
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -101,10 +102,6 @@ def _(g, h, e, scale):
 
 
 # --------------------------------------------------------------------------- autograd
-def _draw_seed() -> int:
-    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
 
 def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(e, m)``: ``e = E·mask`` and the mask itself (ones when None), contiguous fp32 (r,)."""
@@ -116,7 +113,7 @@ def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 class AdapterLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, grad_sink=None):
-        seed = _draw_seed() if dropout_p > 0.0 else 0
+        seed = draw_dropout_seed() if dropout_p > 0.0 else 0
         A, B = A.contiguous(), B.contiguous()
         e, _ = _rank_vectors(E, mask)
         y = torch.nn.functional.linear(x, weight, bias).contiguous()
