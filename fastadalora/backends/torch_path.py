@@ -37,6 +37,20 @@ def _col_major(m: torch.Tensor) -> torch.Tensor:
     return m.t().contiguous().t()
 
 
+def _mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ·b`` reduced over the N rows, (r, K).
+
+    MKL runs a skinny GEMM that reduces over a long N on one thread; split N in two halves, one
+    GEMM each in a batched call, and add the two partials (a fixed order: deterministic).
+    ~25% faster at N=4096 on 2 cores.
+    """
+    n = a.shape[0]
+    if n < 2048 or n % 2 or not (a.is_contiguous() and b.is_contiguous()):
+        return torch.mm(a.t(), b)
+    half = n // 2
+    return torch.bmm(a.view(2, half, a.shape[1]).transpose(1, 2), b.view(2, half, b.shape[1])).sum(0)
+
+
 def _effective_e(E: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     e = E.reshape(-1)
     return e if mask is None else e * mask.to(e.dtype)
@@ -79,7 +93,9 @@ class AdapterLinearFunction(torch.autograd.Function):
                 dx.addcmul_(torch.mm(dh, A), kscale)
         if need_A:
             xa = x if kscale is None else x * kscale
-            dA = torch.mm(dh.t(), xa) if oA is None else torch.mm(dh.t(), xa, out=oA)
+            dA = _mm_tn(dh, xa)
+            if oA is not None:
+                dA = oA.copy_(dA)
         if need_E:
             if oE is None:
                 dE = (gs * h).sum(0)
@@ -90,7 +106,7 @@ class AdapterLinearFunction(torch.autograd.Function):
                 dE.mul_(mask.to(dE.dtype))
             dE = dE.view_as(E) if oE is None else oE
         if need_B:
-            sT_gy = torch.mm((h * e).t(), gy)  # (sᵀ·gy)ᵀ: 30% faster than gyᵀ·s here
+            sT_gy = _mm_tn(h * e, gy)  # (sᵀ·gy)ᵀ: 30% faster than gyᵀ·s here
             dB = sT_gy.mul_(scale).t() if oB is None else torch.mul(sT_gy.t(), scale, out=oB)
         if need_w:
             dW = torch.mm(gy.t(), x)
