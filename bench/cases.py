@@ -426,8 +426,8 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
         cases += [("memory_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, dropout=p)) for p in (0.0, 0.1)]
         train = dict(num_layers=4, hidden=256, init_r=12, batch=8, seq=128, repeats=8, warmup=2)
     cases += [
-        ("allocator_case", dict(num_layers=24, hidden=256, init_r=12, repeats=10)),
-        ("orth_case", dict(num_layers=24, hidden=256, init_r=12, repeats=10)),
+        ("allocator_case", dict(num_layers=24, hidden=256, init_r=12, repeats=40, warmup=5)),
+        ("orth_case", dict(num_layers=24, hidden=256, init_r=12, repeats=40, warmup=5)),
         ("train_step_case", dict(kind="bert", **train)),
         ("train_step_case", dict(kind="gpt2", **train)),
     ]
