@@ -141,6 +141,12 @@ class RankAllocator:
         """
         self._build(keep_state=True)
 
+    def orth_groups(self):
+        """Stacked views of the A and B matrices in the flat buffer, per shape group, for
+        ``orth.orth_reg_loss`` (no stack copy); None when the parameters are not there (any more)."""
+        store = self._store
+        return store.orth_groups() if store.flat and store.params_current() else None
+
     def _current(self) -> bool:
         """The layout still describes the layers' parameters (host-side checks only)."""
         if not self._store.params_current():

@@ -165,6 +165,7 @@ class FlatAdapterStore:
         self._g_ptrs: list[int] = []
         self._g_views: list[torch.Tensor] = []
         self._scratch: torch.Tensor | None = None
+        self._orth_groups: list | None = None
         if materialize and self.params:
             dtypes = {p.dtype for p in self.params}
             devices = {p.device for p in self.params}
@@ -260,6 +261,25 @@ class FlatAdapterStore:
             buf = torch.empty_like(self.G)
             self._scratch = (buf, [buf[o:o + g.numel()].view(g.shape) for o, g in zip(self.offsets, self._g_views)])
         return self._scratch
+
+    def orth_groups(self) -> list[tuple[bool, list[int], torch.Tensor]]:
+        """``(is_B, positions, stacked)`` per shape group, for ``orth.orth_reg_loss`` (flat stores only).
+
+        ``stacked`` is the group's A matrices as one ``(count, r, in)`` view of ``P``, or its B
+        matrices as one ``(count, out, r)`` view: the stack the regulariser needs, without a copy.
+        ``positions`` index ``As + Bs`` with both lists in model order.
+        """
+        if self._orth_groups is None:
+            L = len(self.order)
+            groups, a0, b0 = [], 0, self.n_a
+            for r, fan_in, fan_out, first, count in self.groups:
+                members = self.order[first:first + count]
+                groups.append((False, members, self.P[a0:a0 + count * r * fan_in].view(count, r, fan_in)))
+                groups.append((True, [L + i for i in members],
+                               self.P[b0:b0 + count * r * fan_out].view(count, fan_out, r)))
+                a0, b0 = a0 + count * r * fan_in, b0 + count * r * fan_out
+            self._orth_groups = groups
+        return self._orth_groups
 
     def e_segment(self) -> torch.Tensor:
         """The flat E entries (one per triplet) as a view of ``P`` (flat stores only)."""

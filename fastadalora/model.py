@@ -313,7 +313,8 @@ class AdaLoraModel(nn.Module):
         layers = list(self._adapters.values())
         if not layers:
             raise RuntimeError("The model has no adapters left (merge_and_unload was called).")
-        return orth_reg_loss([layer.lora_A for layer in layers], [layer.lora_B for layer in layers])
+        groups = self.allocator.orth_groups() if self.allocator is not None else None
+        return orth_reg_loss([layer.lora_A for layer in layers], [layer.lora_B for layer in layers], groups)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Update sensitivities and mask ranks; call once per optimizer step, after ``optimizer.step()``

@@ -29,14 +29,19 @@ def _plan(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> list[tuple[
 
 
 class _OrthReg(torch.autograd.Function):
-    """Forward and analytic backward of the whole regulariser; inputs are ``(plan, *As, *Bs)``."""
+    """Forward and analytic backward of the whole regulariser; inputs are ``(plan, stacks, *As, *Bs)``.
+
+    ``stacks`` (or None) holds, per group of ``plan``, a tensor already laid out as the group's
+    stack (a view of the flat parameter buffer, see ``flat_store``): then nothing is copied.
+    """
 
     @staticmethod
-    def forward(ctx, plan, *mats):
+    def forward(ctx, plan, stacks, *mats):
         n = len(mats)
         norms, saved = [], []
-        for is_b, positions in plan:
-            X = torch.stack([mats[p] for p in positions])  # (g, r, in) for A, (g, out, r) for B
+        for gi, (is_b, positions) in enumerate(plan):
+            # (g, r, in) for A, (g, out, r) for B
+            X = stacks[gi] if stacks is not None else torch.stack([mats[p] for p in positions])
             D = torch.bmm(X.transpose(1, 2), X) if is_b else torch.bmm(X, X.transpose(1, 2))  # BᵀB or AAᵀ
             D.diagonal(dim1=1, dim2=2).sub_(1)  # G − I
             norm = torch.linalg.vector_norm(D, dim=(1, 2))
@@ -61,16 +66,21 @@ class _OrthReg(torch.autograd.Function):
             gX = (torch.bmm(X, D) if is_b else torch.bmm(D, X)).mul_(coeff.view(-1, 1, 1))
             for p, g in zip(positions, gX.unbind(0)):
                 grads[p] = g
-        return (None, *grads)
+        return (None, None, *grads)
 
 
-def orth_reg_loss(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> torch.Tensor:
+def orth_reg_loss(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], groups=None) -> torch.Tensor:
     """PEFT's orthogonal regulariser: the mean of ``‖A·Aᵀ − I‖_F`` and ``‖Bᵀ·B − I‖_F`` over all layers.
 
     Pass the layers' ``lora_A`` and ``lora_B`` (same order); the result is a 0-d tensor that
-    back-propagates into every one of them.  With no matrices it is ``tensor(0.)``.
+    back-propagates into every one of them.  With no matrices it is ``tensor(0.)``.  ``groups``
+    (optional, ``FlatAdapterStore.orth_groups()``) gives ``(is_B, positions, stacked view)`` per
+    shape group when the matrices already live stacked in one buffer.
     """
     As, Bs = list(As), list(Bs)
     if not As and not Bs:
         return torch.zeros(())
-    return _OrthReg.apply(_plan(As, Bs), *As, *Bs)
+    if groups is None:
+        return _OrthReg.apply(_plan(As, Bs), None, *As, *Bs)
+    plan = [(is_b, positions) for is_b, positions, _ in groups]
+    return _OrthReg.apply(plan, [stacked for _, _, stacked in groups], *As, *Bs)

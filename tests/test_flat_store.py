@@ -403,3 +403,36 @@ def test_triton_path_reads_the_flat_buffers():
         fast.zero_grad()
         ref.zero_grad()
     assert fast.allocator._table is not None
+
+
+# --------------------------------------------------------------------------- orthogonal term
+def test_orth_term_reads_the_flat_buffer_and_equals_the_stacked_path():
+    from fastadalora import reference
+    from fastadalora.orth import orth_reg_loss
+
+    model = _model(orth=0.5, num_layers=3)
+    groups = model.allocator.orth_groups()
+    assert groups is not None  # stacked views of P: no copy
+    assert all(_inside(stacked, model.allocator._store.P) for _, _, stacked in groups)
+    layers = list(model.adapter_layers().values())
+    with torch.no_grad():
+        for layer in layers:  # away from the init, so every gradient is non-trivial
+            layer.lora_A.mul_(3.0)
+            layer.lora_B.mul_(0.5)
+    As, Bs = [layer.lora_A for layer in layers], [layer.lora_B for layer in layers]
+
+    grouped = model.orth_reg_loss()
+    grouped.backward()
+    grads = [p.grad.clone() for p in As + Bs]
+    for p in As + Bs:
+        p.grad = None
+    stacked = orth_reg_loss(As, Bs)  # no groups: torch.stack per shape
+    stacked.backward()
+    torch.testing.assert_close(grouped, stacked, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grouped, reference.orth_reg(As, Bs), rtol=1e-12, atol=0)
+    for g, p in zip(grads, As + Bs):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-15)
+
+    model.to(torch.float32)  # parameters leave P: the term falls back to stacking copies
+    assert model.allocator.orth_groups() is None
+    torch.testing.assert_close(model.orth_reg_loss().double(), stacked.detach(), rtol=1e-6, atol=0)
