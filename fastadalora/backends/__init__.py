@@ -81,6 +81,23 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+def save_adapter_context(ctx, saved, bias, seed, scale: float, dropout_p: float, grad_sink) -> None:
+    """What every backend's autograd Function keeps for backward: ``saved`` = (x, h, weight, A, E, B,
+    mask) as saved tensors, plus the dropout seed, the scale and the gradient sink as plain values."""
+    ctx.save_for_backward(*saved)
+    ctx.seed, ctx.scale, ctx.dropout_p = seed, scale, dropout_p
+    ctx.has_bias = bias is not None
+    ctx.grad_sink = grad_sink
+
+
+def base_layer_grads(ctx, gy: torch.Tensor, x: torch.Tensor):
+    """``(dW, db)`` of the base layer, each only when it requires grad (it is normally frozen)."""
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    dW = torch.mm(gy.t(), x) if need_w else None
+    db = gy.sum(0) if need_b and ctx.has_bias else None
+    return dW, db
+
+
 def get_backend(name: str):
     """The module implementing backend ``name`` (imported lazily: Triton is optional on CPU)."""
     if _check(name) == "triton":

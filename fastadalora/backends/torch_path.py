@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import draw_dropout_seed
+from . import base_layer_grads, draw_dropout_seed, save_adapter_context
 
 
 
@@ -67,21 +67,18 @@ class AdapterLinearFunction(torch.autograd.Function):
             xd = x * _dropout_scale(x, seed, dropout_p)
         h = torch.mm(xd, A.t().contiguous())
         y.addmm_(h * _effective_e(E, mask), B.t(), alpha=scale)
-        ctx.save_for_backward(x, h, weight, A, E, B, mask)
-        ctx.seed, ctx.scale, ctx.dropout_p = seed, scale, dropout_p
-        ctx.has_bias = bias is not None
-        ctx.grad_sink = grad_sink
+        save_adapter_context(ctx, (x, h, weight, A, E, B, mask), bias, seed, scale, dropout_p, grad_sink)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, h, weight, A, E, B, mask = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
-        need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
+        need_x, _, _, need_A, need_E, need_B = ctx.needs_input_grad[:6]
         e = _effective_e(E, mask)
         gs = torch.mm(gy, _col_major(B))  # N×r: the gradient reaching the scaled intermediate, before E
         dh = gs * (e * scale)
-        dx = dW = db = dA = dE = dB = None
+        dx = dA = dE = dB = None
         sink = ctx.grad_sink
         oA, oE, oB = (None, None, None) if sink is None else sink.claim(ctx, (need_A, need_E, need_B))
         kscale = _dropout_scale(x, ctx.seed, p) if (p > 0.0 and (need_x or need_A)) else None
@@ -108,10 +105,7 @@ class AdapterLinearFunction(torch.autograd.Function):
         if need_B:
             sT_gy = _mm_tn(h * e, gy)  # (sᵀ·gy)ᵀ: 30% faster than gyᵀ·s here
             dB = sT_gy.mul_(scale).t() if oB is None else torch.mul(sT_gy.t(), scale, out=oB)
-        if need_w:
-            dW = torch.mm(gy.t(), x)
-        if need_b and ctx.has_bias:
-            db = gy.sum(0)
+        dW, db = base_layer_grads(ctx, gy, x)
         return dx, dW, db, dA, dE, dB, None, None, None, None
 
 

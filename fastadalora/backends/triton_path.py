@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..kernels import adapter_backward as _bwd
 from ..kernels import adapter_forward as _fwd
-from . import draw_dropout_seed
+from . import base_layer_grads, draw_dropout_seed, save_adapter_context
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -119,19 +119,16 @@ class AdapterLinearFunction(torch.autograd.Function):
         y = torch.nn.functional.linear(x, weight, bias).contiguous()
         h, s = shrink(x, A, e, scale, seed, dropout_p)
         expand_(y, s, B)
-        ctx.save_for_backward(x, h, weight, A, E, B, mask)
-        ctx.seed, ctx.scale, ctx.dropout_p = seed, scale, dropout_p
-        ctx.has_bias = bias is not None
-        ctx.grad_sink = grad_sink
+        save_adapter_context(ctx, (x, h, weight, A, E, B, mask), bias, seed, scale, dropout_p, grad_sink)
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, h, weight, A, E, B, mask = ctx.saved_tensors
         seed, scale, p = ctx.seed, ctx.scale, ctx.dropout_p
-        need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
+        need_x, _, _, need_A, need_E, need_B = ctx.needs_input_grad[:6]
         e, m = _rank_vectors(E, mask)
-        dx = dW = db = dA = dE = dB = None
+        dx = dA = dE = dB = None
         sink = ctx.grad_sink
         oA, oE, oB = (None, None, None) if sink is None else sink.claim(ctx, (need_A, need_E, need_B))
         if need_x or need_A or need_E:
@@ -149,10 +146,7 @@ class AdapterLinearFunction(torch.autograd.Function):
             dB = grad_b(g, h, e, scale)
             if oB is not None:
                 dB = oB.copy_(dB)
-        if need_w:
-            dW = torch.mm(g.t(), x)
-        if need_b and ctx.has_bias:
-            db = g.sum(0)
+        dW, db = base_layer_grads(ctx, g, x)
         return dx, dW, db, dA, dE, dB, None, None, None, None
 
 
