@@ -300,12 +300,8 @@ def plot_curves(history: dict, sched: dict, budgets: tuple[int, int], path: Path
 
 
 def save_adapter(adalora_model, directory: Path) -> str:
-    """Save in PEFT format; returns a line for the report (a note when the checkpoint module is missing)."""
-    try:
-        from . import checkpoint
-    except ImportError as exc:  # pragma: no cover - only while the package is incomplete
-        return f"adapter not saved: fastadalora.checkpoint is not available ({exc})"
-    checkpoint.save_pretrained(adalora_model, directory)
+    """Save in PEFT format; returns a line for the report."""
+    adalora_model.save_pretrained(directory)
     return f"adapter saved to {directory}"
 
 
