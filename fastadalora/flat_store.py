@@ -164,7 +164,6 @@ class FlatAdapterStore:
         self._p_ptrs: list[int] = []
         self._g_ptrs: list[int] = []
         self._g_views: list[torch.Tensor] = []
-        self._scratch: torch.Tensor | None = None
         self._orth_groups: list | None = None
         if materialize and self.params:
             dtypes = {p.dtype for p in self.params}
@@ -242,25 +241,24 @@ class FlatAdapterStore:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).to(dtype)
 
     def gather_grads(self, dtype: torch.dtype) -> torch.Tensor:
-        """The gradients (all present, not aligned with ``G``) copied into one flat tensor of ``dtype``.
+        """The gradients (all present, some not aligned with ``G``) as one flat tensor of ``dtype``.
 
-        Flat stores copy into a scratch buffer kept for the next call (one ``_foreach_copy_``), never
-        into ``G``, whose slots may still be referenced by an older gradient tensor.
+        Flat stores copy each gradient found elsewhere into its own slot of ``G`` (one
+        ``_foreach_copy_`` over just those) and return ``G``: a slot whose parameter's gradient lives
+        elsewhere is referenced by no current gradient, only possibly by an old one (the caveat in
+        the module docstring).
         """
         grads = list(map(_grad_of, self.params))
         # (autograd keeps every p.grad at its parameter's shape, dtype and device: with the params in
-        # P, the grads fit the scratch views)
+        # P, the grads fit the G slots)
         if self.flat and self.G.dtype == dtype:
-            buf, views = self._scratch_views()
-            torch._foreach_copy_(views, grads)
-            return buf
+            ptrs = list(map(_data_ptr, grads))
+            moved = [k for k, (ptr, slot) in enumerate(zip(ptrs, self._g_ptrs)) if ptr != slot]
+            g_storage = self.G.untyped_storage().data_ptr()
+            if all(grads[k].untyped_storage().data_ptr() != g_storage for k in moved):  # no G-to-G shuffle
+                torch._foreach_copy_([self._g_views[k] for k in moved], [grads[k] for k in moved])
+                return self.G
         return torch.cat([g.reshape(-1) for g in grads]).to(dtype)
-
-    def _scratch_views(self):
-        if self._scratch is None:
-            buf = torch.empty_like(self.G)
-            self._scratch = (buf, [buf[o:o + g.numel()].view(g.shape) for o, g in zip(self.offsets, self._g_views)])
-        return self._scratch
 
     def orth_groups(self) -> list[tuple[bool, list[int], torch.Tensor]]:
         """``(is_B, positions, stacked)`` per shape group, for ``orth.orth_reg_loss`` (flat stores only).

@@ -436,3 +436,24 @@ def test_orth_term_reads_the_flat_buffer_and_equals_the_stacked_path():
     model.to(torch.float32)  # parameters leave P: the term falls back to stacking copies
     assert model.allocator.orth_groups() is None
     torch.testing.assert_close(model.orth_reg_loss().double(), stacked.detach(), rtol=1e-6, atol=0)
+
+
+def test_gradients_swapped_between_slots_are_gathered_not_shuffled():
+    """p1.grad and p2.grad exchanged (both still inside G): copying slot to slot would corrupt one."""
+    fast, ref = _model(), _model()
+    with torch.no_grad():  # E = 0 at init gives A and B zero gradients: make them non-trivial
+        for model in (fast, ref):
+            for k, layer in enumerate(model.adapter_layers().values()):
+                layer.lora_E.copy_(torch.linspace(0.5, 1.5, layer.r).view(-1, 1) * (k + 1))
+    batch = cls_batch(seed=0)
+    fast(**batch).loss.backward()
+    ref(**batch).loss.backward()
+    fast_layers, ref_layers = list(fast.adapter_layers().values()), list(ref.adapter_layers().values())
+    a0, a1 = fast_layers[0].lora_A, fast_layers[1].lora_A  # same shape: the grads can be exchanged
+    a0.grad, a1.grad = a1.grad, a0.grad
+    r0, r1 = ref_layers[0].lora_A, ref_layers[1].lora_A
+    r0.grad, r1.grad = r1.grad.clone(), r0.grad.clone()
+    assert fast.allocator._store.grads_aligned() is False
+    fast.update_and_allocate(2)
+    ref.update_and_allocate(2)
+    _assert_same_state(fast, ref, 2)
