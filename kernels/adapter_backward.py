@@ -6,8 +6,8 @@ Given the output gradient g (N×out), backward saved only x, h (N×r fp32) and t
 * ``_grad_s_kernel``  ``gs = g·B`` (N×r); epilogue ``dh = gs·e·scale`` (N×r fp32) and, per
   BLOCK_N rows, the partial sums ``Σ_n gs·h·scale·mask`` of dE into a (num_blocks, r) buffer that
   the launcher reduces afterwards in a fixed order: deterministic, no atomics;
-* ``_grad_x_kernel``  ``dx += (dh·A) ⊙ keep/(1-p)``, in place into the base dx = g·W that torch
-  computed first;
+* ``grad_x_``  ``dx += (dh·A) ⊙ keep/(1-p)``, in place into the base dx = g·W that torch
+  computed first: ``adapter_forward``'s rank-expand kernel with the dropout mask;
 * ``_grad_a_kernel``  ``dA = dhᵀ·dropout(x)``, the keep mask regenerated from the seed;
 * ``_grad_b_kernel``  ``dB = gᵀ·s``, with s recomputed from h on load.
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_forward import _check_2d, dot_dtype, kernel_config
+from .adapter_forward import _check_2d, dot_dtype, kernel_config, rank_expand_
 from .dropout import keep_mask
 
 
@@ -60,36 +60,6 @@ def _grad_s_kernel(
     h = tl.load(h_ptr + tile, mask=inside, other=0.0)
     partial = tl.sum(acc * h, axis=0) * (m * scale)
     tl.store(de_part_ptr + pid * R + ranks, partial, mask=rank_ok)
-
-
-@triton.jit
-def _grad_x_kernel(
-    dh_ptr, a_ptr, dx_ptr,
-    N, K, R, seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """One program per (BLOCK_N, BLOCK_K) tile of dx (N×K row-major): dx += (dh·A)⊙keep/(1-p),
-    dh (N, R) fp32 and A (R, K) contiguous; the rank is reduced in BLOCK_R steps."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < N
-    col_ok = cols < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        dh = tl.load(dh_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(dh.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision="ieee")
-    if HAS_DROPOUT:
-        acc = tl.where(keep_mask(seed, rows[:, None], cols[None, :], K, p), acc * keep_scale, 0.0)
-    dx_tile = dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
-    inside = row_ok[:, None] & col_ok[None, :]
-    dx = tl.load(dx_tile, mask=inside, other=0.0).to(tl.float32)
-    tl.store(dx_tile, (dx + acc).to(dx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -199,24 +169,8 @@ def grad_s(g: torch.Tensor, B: torch.Tensor, h: torch.Tensor, e: torch.Tensor, m
 def grad_x_(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, seed: int = 0, p: float = 0.0) -> torch.Tensor:
     """``dx += (dh·A) ⊙ keep/(1-p)`` in place and return dx.  dx (N, in) contiguous; dh (N, r)
     fp32 contiguous; A (r, in) contiguous, dx's dtype."""
-    _check_2d("dx", dx)
-    _check_2d("dh", dh, dtype=torch.float32)
     _check_2d("A", A, dtype=dx.dtype)
-    N, K = dx.shape
-    R = A.shape[0]
-    assert A.shape[1] == K and dh.shape == (N, R), "shape mismatch between dx, dh and A"
-    assert 0.0 <= p < 1.0 and 0 <= seed < 2**31
-    if N == 0 or K == 0:
-        return dx
-    cfg = kernel_config(R, dx.dtype, reduces_rank=True)
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(K, cfg.BLOCK_K))
-    _grad_x_kernel[grid](
-        dh, A, dx, N, K, R, int(seed), float(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0.0, DOT_DTYPE=dot_dtype(dx.dtype),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return dx
+    return rank_expand_(dx, dh, A, seed, p)
 
 
 def grad_a(dh: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0) -> torch.Tensor:

@@ -6,8 +6,9 @@ The base ``y = x·Wᵀ + b`` is left to torch (cuBLAS); then two kernels finish 
 * ``_shrink_kernel``  ``h = dropout(x)·Aᵀ`` (N×r, fp32), the whole padded rank in one tile, with
   the Philox dropout fused into the x load; its epilogue also writes ``s = h·e·scale`` (N×r fp32).
   ``h`` is what backward keeps; ``s`` is consumed by the expand and thrown away.
-* ``_expand_kernel``  ``y += s·Bᵀ``, read-modify-write of the base output in place: the only pass
-  over the N×out output beyond the base GEMM's own.
+* ``_rank_expand_kernel``  ``out += left·right`` in place (launcher ``rank_expand_``); the expand
+  ``y += s·Bᵀ`` is the only pass over the N×out output beyond the base GEMM's own.  The backward's
+  ``dx += (dh·A)⊙keep/(1-p)`` is the same kernel with dropout.
 
 Block sizes for every adapter kernel (forward and backward) come from ``kernel_config``.
 Every kernel accumulates in fp32 and upcasts each tile to fp32 right after ``tl.load`` (the
@@ -63,7 +64,7 @@ def kernel_config(r: int, dtype: torch.dtype, reduces_rank: bool = False) -> Ker
       dimension, so the other tile edge shrinks as the rank grows, keeping pipelined shared memory
       under sm_80's 163 KiB (``tests/test_aot_compile.py`` checks it; the fp32 h/dh tiles are
       pipelined through shared memory too, hence two stages for the wide tiles);
-    * ``reduces_rank=True`` (expand, grad_x): 64×64 output tiles, rank stepped by ≤ 64.
+    * ``reduces_rank=True`` (the rank expand: expand, grad_x): 64×64 output tiles, rank stepped by ≤ 64.
     """
     assert dtype in _TL_DTYPES, f"unsupported dtype {dtype}"
     block_r = rank_tile(r)
@@ -133,31 +134,67 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _expand_kernel(
-    s_ptr, b_ptr, y_ptr,
-    N, OUT, R,
-    DOT_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rank_expand_kernel(
+    left_ptr, right_ptr, out_ptr,
+    N, K, R, stride_rr, stride_rk,
+    seed, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per (BLOCK_N, BLOCK_OUT) tile of y (N×OUT row-major): y += s·Bᵀ in place, with
-    s (N, R) fp32 and B (OUT, R) row-major; the rank is reduced in BLOCK_R steps."""
+    """One program per (BLOCK_N, BLOCK_K) tile of out (N×K row-major, in place):
+    ``out += (left·right) [⊙ keep/(1-p)]``, left (N, R) fp32 contiguous, right (R, K) read through
+    ``(stride_rr, stride_rk)``; the rank is reduced in BLOCK_R steps.
+
+    The forward's expand is ``y += s·Bᵀ`` (right = Bᵀ: strides (1, R)); the backward's grad_x is
+    ``dx += (dh·A) ⊙ keep/(1-p)`` (right = A: strides (K, 1)), with the keep mask of the shrink.
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < N
-    out_ok = outs < OUT
-    acc = tl.zeros((BLOCK_N, BLOCK_OUT), dtype=tl.float32)
+    col_ok = cols < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        b_t = tl.load(b_ptr + outs[None, :] * R + ranks[:, None], mask=rank_ok[:, None] & out_ok[None, :],
-                      other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_OUT) tile of Bᵀ
-        acc = tl.dot(s.to(DOT_DTYPE), b_t.to(DOT_DTYPE), acc, input_precision="ieee")
-    y_tile = y_ptr + rows[:, None].to(tl.int64) * OUT + outs[None, :]
-    inside = row_ok[:, None] & out_ok[None, :]
-    y = tl.load(y_tile, mask=inside, other=0.0).to(tl.float32)
-    tl.store(y_tile, (y + acc).to(y_ptr.dtype.element_ty), mask=inside)
+        left = tl.load(left_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
+                       mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+        right = tl.load(right_ptr + ranks[:, None] * stride_rr + cols[None, :] * stride_rk,
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(left.to(DOT_DTYPE), right.to(DOT_DTYPE), acc, input_precision="ieee")
+    if HAS_DROPOUT:
+        acc = tl.where(keep_mask(seed, rows[:, None], cols[None, :], K, p), acc * keep_scale, 0.0)
+    out_tile = out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+    inside = row_ok[:, None] & col_ok[None, :]
+    out = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_tile, (out + acc).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def rank_expand_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, seed: int = 0,
+                 p: float = 0.0) -> torch.Tensor:
+    """``out += (left·right) ⊙ keep/(1-p)`` in place (no mask when p = 0) and return out.
+
+    out (N, K) contiguous; left (N, r) fp32 contiguous; right (r, K) in out's dtype, any strides
+    (e.g. ``B.t()``).  The keep mask is the shrink kernel's for the same ``seed``.
+    """
+    _check_2d("out", out)
+    _check_2d("left", left, dtype=torch.float32)
+    _check_2d("right", right, contiguous=False, dtype=out.dtype)
+    N, K = out.shape
+    R = right.shape[0]
+    assert right.shape[1] == K and left.shape == (N, R), "shape mismatch between out, left and right"
+    assert 0.0 <= p < 1.0 and 0 <= seed < 2**31
+    if N == 0 or K == 0:
+        return out
+    cfg = kernel_config(R, out.dtype, reduces_rank=True)
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(K, cfg.BLOCK_K))
+    _rank_expand_kernel[grid](
+        left, right, out, N, K, R, right.stride(0), right.stride(1),
+        int(seed), float(p), 1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0.0, DOT_DTYPE=dot_dtype(out.dtype),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- launchers
@@ -194,20 +231,6 @@ def shrink(x: torch.Tensor, A: torch.Tensor, e: torch.Tensor, scale: float, seed
 def expand_(y: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``y += s·Bᵀ`` in place and return y.  y (N, out) contiguous; s (N, r) fp32 contiguous;
     B (out, r) contiguous, y's dtype."""
-    _check_2d("y", y)
-    _check_2d("s", s, dtype=torch.float32)
     _check_2d("B", B, dtype=y.dtype)
-    N, OUT = y.shape
-    R = B.shape[1]
-    assert s.shape == (N, R) and B.shape[0] == OUT, "shape mismatch between y, s and B"
-    if N == 0 or OUT == 0:
-        return y
-    cfg = kernel_config(R, y.dtype, reduces_rank=True)
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(OUT, cfg.BLOCK_OUT))
-    _expand_kernel[grid](
-        s, B, y, N, OUT, R,
-        DOT_DTYPE=dot_dtype(y.dtype),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_OUT=cfg.BLOCK_OUT, BLOCK_R=cfg.BLOCK_R,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y
+    assert y.dim() == 2 and B.shape[0] == y.shape[1], "shape mismatch between y and B"
+    return rank_expand_(y, s, B.t())

@@ -31,14 +31,13 @@ DTYPES = ("fp32", "fp16", "bf16")
 # (module, kernel, has HAS_DROPOUT, reduces over the rank, tile constexprs it takes)
 KERNELS = [
     ("adapter_forward", "_shrink_kernel", True, False, ("BLOCK_N", "BLOCK_K", "BLOCK_R")),
-    ("adapter_forward", "_expand_kernel", False, True, ("BLOCK_N", "BLOCK_OUT", "BLOCK_R")),
+    ("adapter_forward", "_rank_expand_kernel", True, True, ("BLOCK_N", "BLOCK_K", "BLOCK_R")),
     ("adapter_backward", "_grad_s_kernel", False, False, ("BLOCK_N", "BLOCK_OUT", "BLOCK_R")),
-    ("adapter_backward", "_grad_x_kernel", True, True, ("BLOCK_N", "BLOCK_K", "BLOCK_R")),
     ("adapter_backward", "_grad_a_kernel", True, False, ("BLOCK_N", "BLOCK_K", "BLOCK_R")),
     ("adapter_backward", "_grad_b_kernel", False, False, ("BLOCK_N", "BLOCK_OUT", "BLOCK_R")),
 ]
 # pointer arguments in the input dtype; every other pointer is fp32 (or u8 for the mask)
-DTYPE_POINTERS = {"x_ptr", "a_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr"}
+DTYPE_POINTERS = {"x_ptr", "a_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr", "right_ptr", "out_ptr"}
 FLOAT_SCALARS = {"p", "keep_scale", "scale"}
 
 
