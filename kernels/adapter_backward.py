@@ -137,6 +137,13 @@ def _split_count(n_blocks: int, tiles: int, device: torch.device) -> int:
     return max(1, min(n_blocks, (2 * sms) // max(tiles, 1)))
 
 
+def _row_splits(N: int, block_n: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """``(split, rows_per_split)`` for a reduction over N rows into ``tiles`` output tiles."""
+    n_blocks = triton.cdiv(N, block_n)
+    rows_per_split = triton.cdiv(n_blocks, _split_count(n_blocks, tiles, device)) * block_n
+    return triton.cdiv(N, rows_per_split), rows_per_split
+
+
 def grad_s(g: torch.Tensor, B: torch.Tensor, h: torch.Tensor, e: torch.Tensor, m: torch.Tensor,
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dE)``: ``dh = (g·B)·e·scale`` (N, r) fp32 and ``dE = Σ_n (g·B)·h·scale·m`` (r,) fp32.
@@ -185,10 +192,8 @@ def grad_a(dh: torch.Tensor, x: torch.Tensor, seed: int = 0, p: float = 0.0) -> 
     if N == 0:
         return torch.zeros((R, K), dtype=x.dtype, device=x.device)
     cfg = kernel_config(R, x.dtype)
-    n_blocks, k_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(K, cfg.BLOCK_K)
-    split = _split_count(n_blocks, k_blocks, x.device)
-    rows_per_split = triton.cdiv(n_blocks, split) * cfg.BLOCK_N
-    split = triton.cdiv(N, rows_per_split)
+    k_blocks = triton.cdiv(K, cfg.BLOCK_K)
+    split, rows_per_split = _row_splits(N, cfg.BLOCK_N, k_blocks, x.device)
     part = torch.empty((split * R, K), dtype=torch.float32, device=x.device)  # (split, R, K)
     _grad_a_kernel[(k_blocks, split)](
         dh, x, part, N, K, R, x.stride(0), x.stride(1), rows_per_split,
@@ -213,10 +218,8 @@ def grad_b(g: torch.Tensor, h: torch.Tensor, e: torch.Tensor, scale: float) -> t
     if N == 0:
         return torch.zeros((OUT, R), dtype=g.dtype, device=g.device)
     cfg = kernel_config(R, g.dtype)
-    n_blocks, o_blocks = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(OUT, cfg.BLOCK_OUT)
-    split = _split_count(n_blocks, o_blocks, g.device)
-    rows_per_split = triton.cdiv(n_blocks, split) * cfg.BLOCK_N
-    split = triton.cdiv(N, rows_per_split)
+    o_blocks = triton.cdiv(OUT, cfg.BLOCK_OUT)
+    split, rows_per_split = _row_splits(N, cfg.BLOCK_N, o_blocks, g.device)
     part = torch.empty((split * OUT, R), dtype=torch.float32, device=g.device)  # (split, OUT, R)
     _grad_b_kernel[(o_blocks, split)](
         g, h, e, part, N, OUT, R, g.stride(0), g.stride(1), rows_per_split, float(scale),
