@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from fastadalora.peft_twin import LORA, copy_adapters_into_peft, copy_layer_into_peft
+
 from .harness import interleaved, ratio
 
 LORA_ALPHA = 8
@@ -37,7 +39,7 @@ class _Holder(nn.Module):
         return self.lin(x)
 
 
-def _peft_adalora_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 1000, **kw):
+def _peft_adalora_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 100_000, **kw):
     import peft
 
     return peft.AdaLoraConfig(init_r=init_r, target_r=max(1, init_r // 2), tinit=100, tfinal=200, deltaT=10,
@@ -45,7 +47,7 @@ def _peft_adalora_config(init_r: int, target_modules, dropout: float = 0.0, tota
                               target_modules=target_modules, **kw)
 
 
-def _fa_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 1000, **kw):
+def _fa_config(init_r: int, target_modules, dropout: float = 0.0, total_step: int = 100_000, **kw):
     import fastadalora
 
     return fastadalora.AdaLoraConfig(init_r=init_r, target_r=max(1, init_r // 2), tinit=100, tfinal=200, deltaT=10,
@@ -53,8 +55,16 @@ def _fa_config(init_r: int, target_modules, dropout: float = 0.0, total_step: in
                                      target_modules=target_modules, **kw)
 
 
-# masking step of the configs above: tinit < 500 < total_step - tfinal and 500 % deltaT == 0
+# masking steps of the configs above: tinit < 500 + 10k < total_step - tfinal and (500 + 10k) % deltaT == 0
 MASK_STEP = 500
+
+
+def masking_steps():
+    """Increasing masking steps 500, 510, ... (each step is allocated once), far below T - tfinal."""
+    step = MASK_STEP
+    while True:
+        yield step
+        step += 10
 
 
 def setup_layers(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device,
@@ -76,10 +86,7 @@ def setup_layers(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, devi
 
     pa = peft.get_peft_model(_Holder(copy.deepcopy(base)), _peft_adalora_config(r, ["lin"], dropout))
     svd = pa.base_model.model.lin
-    with torch.no_grad():
-        for name in ("lora_A", "lora_E", "lora_B"):
-            getattr(svd, name)["default"].copy_(getattr(ours, name))
-        svd.ranknum["default"].requires_grad_(False)
+    copy_layer_into_peft(ours, svd)
 
     pl = peft.get_peft_model(_Holder(copy.deepcopy(base)),
                              peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=["lin"]))
@@ -153,14 +160,11 @@ def setup_deep_models(num_layers: int, hidden: int, init_r: int, device: torch.d
     if orth_reg_weight > 0:
         loss = loss + orth_reg_weight * ours.orth_reg_loss()
     loss.backward()
-    with torch.no_grad():
-        for path, layer in ours.adapter_layers().items():
-            mod = inner.get_submodule(path)
-            for name in ("lora_A", "lora_E", "lora_B"):
-                p_ours, p_theirs = getattr(layer, name), getattr(mod, name)["default"]
-                p_theirs.copy_(p_ours)
-                p_theirs.grad = p_ours.grad.clone()
-            mod.ranknum["default"].requires_grad_(False)
+    copy_adapters_into_peft(ours, theirs)
+    for path, layer in ours.adapter_layers().items():
+        mod = inner.get_submodule(path)
+        for name, p_ours in zip(LORA, layer.adapter_params()):
+            getattr(mod, name)["default"].grad = p_ours.grad.clone()
     return {"ours": ours, "peft_adalora": theirs, "num_adapters": len(ours.adapter_layers())}
 
 
@@ -223,14 +227,10 @@ def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, bat
                                                           fan_in_fan_out=fifo))
     pa = peft.get_peft_model(b_peft, _peft_adalora_config(init_r, targets, modules_to_save=heads, task_type=task,
                                                           fan_in_fan_out=fifo))
-    inner = pa.base_model.model
     with torch.no_grad():
-        for path, layer in ours.adapter_layers().items():
-            mod = inner.get_submodule(path)
+        for layer in ours.adapter_layers().values():
             layer.lora_E.normal_()
-            for name in ("lora_A", "lora_E", "lora_B"):
-                getattr(mod, name)["default"].copy_(getattr(layer, name))
-            mod.ranknum["default"].requires_grad_(False)
+    copy_adapters_into_peft(ours, pa)
     pl = peft.get_peft_model(b_lora, peft.LoraConfig(r=init_r, lora_alpha=LORA_ALPHA, target_modules=targets,
                                                      modules_to_save=heads, task_type=task,
                                                      fan_in_fan_out=fifo))
@@ -239,19 +239,15 @@ def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, bat
     for name, m in models.items():
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        if name == "ours":
-            allocate = m.update_and_allocate
-        elif name == "peft_adalora":
-            allocate = m.base_model.update_and_allocate
-        else:
-            allocate = None
+        allocate = (m.update_and_allocate if name == "ours" else
+                    m.base_model.update_and_allocate if name == "peft_adalora" else None)
 
-        def step(m=m, opt=opt, allocate=allocate):
+        def step(m=m, opt=opt, allocate=allocate, steps=masking_steps()):
             loss = m(**batch_d).loss
             loss.backward()
             opt.step()
             if allocate is not None:
-                allocate(MASK_STEP)
+                allocate(next(steps))
             opt.zero_grad(set_to_none=True)
         steps[name] = step
     return {**steps, "models": models, "batch": batch_d}
@@ -330,8 +326,9 @@ def allocator_case(num_layers: int, hidden: int, init_r: int, device: torch.devi
     for orth in (0.5, 0.0):
         s = setup_deep_models(num_layers, hidden, init_r, device, orth_reg_weight=orth)
         ours, theirs = s["ours"], s["peft_adalora"]
-        fns = {"ours": lambda: ours.update_and_allocate(MASK_STEP),
-               "peft_adalora": lambda: theirs.base_model.update_and_allocate(MASK_STEP)}
+        ours_steps, peft_steps = masking_steps(), masking_steps()
+        fns = {"ours": lambda: ours.update_and_allocate(next(ours_steps)),
+               "peft_adalora": lambda: theirs.base_model.update_and_allocate(next(peft_steps))}
         t = interleaved(fns, device, repeats=repeats, warmup=warmup)
         rows.append({
             "case": "update_and_allocate", "mode": f"masking step, orth_reg_weight={orth}",

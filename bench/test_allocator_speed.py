@@ -16,7 +16,8 @@ def _models(device):
 def test_update_and_allocate(timed, device, impl):
     m = _models(device)[impl]
     allocate = m.update_and_allocate if impl == "ours" else m.base_model.update_and_allocate
-    timed("update_and_allocate 144 adapters", lambda: allocate(cases.MASK_STEP), rounds=10)
+    steps = cases.masking_steps()
+    timed("update_and_allocate 144 adapters", lambda: allocate(next(steps)), rounds=10)
 
 
 @pytest.mark.parametrize("impl", ("ours", "peft_adalora"))

@@ -1,6 +1,6 @@
 """``RankAllocator``: AdaLoRA's budget schedule, sensitivity state, triplet scores and masks.
 
-Semantics are PEFT 0.21's ``AdaLoraModel.update_and_allocate`` (see ``reference`` for the maths):
+Semantics are PEFT 0.21's ``AdaLoraModel.update_and_allocate`` (maths in ``reference``):
 
 * ``t <  T - tfinal``: update the sensitivity EMAs, then mask E to the scheduled budget when the
   schedule says so (``t > tinit`` and ``t % deltaT == 0``);
@@ -8,67 +8,94 @@ Semantics are PEFT 0.21's ``AdaLoraModel.update_and_allocate`` (see ``reference`
   reset the EMAs;
 * ``t >  T - tfinal``: re-zero E from the kept pattern every step.
 
-The work is a constant number of torch ops however many layers there are (it grows only with the
-number of distinct adapter shapes), with no host sync.  A ``FlatAdapterStore`` lays every adapter
-Parameter out in one flat buffer ``P`` (``[A… | B… | E…]``, layers grouped by shape) and the
-backends' backward writes the gradients into a twin buffer ``G``, so on the fast path nothing is
-gathered: ``|P·G|``, the EMAs (two flat buffers) and ``s = Ī·Ū`` are one op each over everything,
-the per-triplet means one ``mean`` per distinct shape (CPU) or fused into the Triton sensitivity
-kernel (CUDA), the threshold one ``kthvalue`` and the mask one ``masked_fill_`` on the E segment
-of ``P``.  Every step first checks (host ints only) that the parameters and gradients are where the
-layout says; gradients found elsewhere are gathered (one ``_foreach_copy_``), parameters found
-moved or replaced are laid out again.  ``rank_pattern`` (a host list of bools) is only built when
-read.
+The allocator reads the adapter Parameters and their gradients where torch keeps them (ordinary,
+separate Parameters) and writes only E and its own state.  Its state is flat fp32 whatever the
+parameter dtype (fp64 when the parameters are fp64, so a float64 run equals PEFT's to rounding;
+``FlatLayout``: ``[A… | B… | E…]``, layers grouped by shape), so a step is a constant number of torch
+ops however many layers there are (it grows only with the number of distinct adapter shapes),
+with one host read per step:
 
-Differences from PEFT, on purpose: the initial budget is the sum of the layers' current ranks (so
-a model resized to a saved rank pattern resumes instead of crashing), ``k = 0`` prunes nothing
-instead of crashing in ``kthvalue``, and the rank-pattern keys carry no adapter name.
+    P ← p, G ← g     one ``cat`` per chunk (a shape group's A, B or E part) into flat scratch buffers
+    Ī', Ū', S        a few ops per chunk (CPU: each chunk's passes stay in cache) or one Triton launch
+                     (CUDA), written to the spare state buffers
+    finite(S)?       the one host read: a non-finite gradient makes its triplet's score non-finite; then
+                     the step keeps the old EMAs and masks, and warns once
+    τ, mask          one ``kthvalue``; E is zeroed where ``S <= τ`` (cat, where, ``_foreach_copy_``)
+
+``rank_pattern`` (a host list of bools) is only built when read.
 """
 
 from __future__ import annotations
 
-import functools
+import operator
+import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from . import reference
+from . import peft_math
 from .backends import resolve_backend
-from .flat_store import FlatAdapterStore, layer_shape
+from .flat_layout import FlatLayout
 
-_PARTS = ("lora_A", "lora_B", "lora_E")
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+_STATE_KEYS = ("names", "ranks", "init_bgt", "last_step", "ipt", "unc", "keep", "final_keep")
 
 
-def mask_from_pattern(Es: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
+def adapter_shape(name: str, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> tuple[int, int, int]:
+    """``(r, in, out)`` of one adapter, checking that lora_A, lora_E and lora_B agree."""
+    r = A.shape[0] if A.dim() >= 1 else -1
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r or E.numel() != r or E.dim() < 1 or E.shape[0] != r:
+        raise ValueError(f"RankAllocator: layer {name!r} has inconsistent adapter shapes "
+                         f"lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)}, lora_B {tuple(B.shape)}")
+    return int(r), int(A.shape[1]), int(B.shape[0])
+
+
+def _state_dtype(param_dtypes) -> torch.dtype:
+    """The allocator's state precision: fp32, or fp64 when any parameter is fp64."""
+    return torch.float64 if torch.float64 in set(param_dtypes) else torch.float32
+
+
+def mask_from_pattern(Es: Sequence[torch.Tensor], keep: torch.Tensor, scratch=None) -> None:
     """Zero, in place, every E entry whose flat ``keep`` flag is False (PEFT's ``masked_fill_``).
 
-    ``keep`` is a bool tensor with one flag per triplet over all layers, in the order of ``Es``.
-    Three ops whatever the number of layers: cat, where, ``_foreach_copy_`` (through split views).
+    ``Es`` are (r, 1) tensors and ``keep`` is a bool tensor with one flag per triplet over all of them,
+    in order.  Three ops whatever the number of layers: cat, where, ``_foreach_copy_``.  ``scratch``
+    (from ``mask_scratch``) reuses buffers and views across calls.
     """
     if not Es:
         return
+    flat, kept, views = scratch if scratch is not None else mask_scratch(Es)
     with torch.no_grad():
-        flat = torch.cat(list(Es))
-        kept = torch.where(keep.view(flat.shape), flat, 0)
-        torch._foreach_copy_(list(Es), list(kept.split([e.shape[0] for e in Es])))
+        torch.cat(list(Es), 0, out=flat)
+        torch.where(keep.view(flat.shape), flat, torch.zeros((), dtype=flat.dtype, device=flat.device), out=kept)
+        torch._foreach_copy_(list(Es), views)
+
+
+def mask_scratch(Es: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Buffers for ``mask_from_pattern`` over tensors shaped like ``Es``."""
+    n = sum(e.shape[0] for e in Es)
+    flat = torch.empty(n, 1, dtype=Es[0].dtype, device=Es[0].device)
+    kept = torch.empty_like(flat)
+    return flat, kept, list(kept.split([e.shape[0] for e in Es]))
 
 
 class RankAllocator:
     """Sensitivity-based rank allocation for a list of AdaLoRA layers.
 
     Args:
-        named_layers: ``(module path, layer)`` pairs; each layer has ``lora_A`` (r×in),
-            ``lora_E`` (r×1) and ``lora_B`` (out×r) Parameters.  The path names the rank pattern
-            entry ``"<path>.lora_E"`` and appears in error messages.
+        named_layers: ``(module path, layer)`` pairs; each layer's ``adapter_params()`` gives its
+            ``lora_A`` (r×in), ``lora_E`` (r×1) and ``lora_B`` (out×r).  The path names the rank
+            pattern entry ``"<path>.lora_E"`` and appears in error messages.
         init_r: the initial rank per layer (informational: the initial budget is read from the
             layers' current shapes).
         target_r: the average final rank; the final budget is ``target_r × L``.
-        tinit, tfinal, total_step, deltaT: PEFT's schedule (see ``reference.budget_schedule``).
+        tinit, tfinal, total_step, deltaT: PEFT's schedule (see ``peft_math.budget_schedule``).
         beta1, beta2: EMA factors of the sensitivity and of its uncertainty, in (0, 1).
 
     Call ``update_and_allocate(step)`` once per optimizer step, after ``optimizer.step()`` and
-    before ``zero_grad()``.
+    before ``zero_grad()``, with increasing steps.
     """
 
     def __init__(self, named_layers: list[tuple[str, nn.Module]], init_r: int, target_r: int, tinit: int,
@@ -83,204 +110,271 @@ class RankAllocator:
         self.tinit, self.tfinal, self.total_step, self.deltaT = int(tinit), int(tfinal), int(total_step), int(deltaT)
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.last_step: int | None = None
+        self._warned_nonfinite = False
         self._build(keep_state=False)
 
-    # ------------------------------------------------------------------ layout
+    # ------------------------------------------------------------------ layout and state
+    def _layer_params(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [layer.adapter_params() for _, layer in self.named_layers]
+
     def _build(self, keep_state: bool) -> None:
-        model_shapes = [layer_shape(n, m) for n, m in self.named_layers]  # validates before anything moves
-        saved = None
-        if keep_state and model_shapes == getattr(self, "_model_shapes", None):
-            # the flat layout is a function of the shapes: the state carries over as is
-            saved = (self._ipt, self._unc, self._keep, self._final_keep, self.init_bgt)
-        params = [getattr(m, part) for _, m in self.named_layers for part in _PARTS]
-        devices = {p.device for p in params}
+        per_layer = self._layer_params()
+        model_shapes = [adapter_shape(n, *t) for (n, _), t in zip(self.named_layers, per_layer)]
+        devices = {p.device for t in per_layer for p in t}
         if len(devices) > 1:
             raise ValueError(f"RankAllocator: all adapter parameters must be on one device, found {devices}")
-        store = FlatAdapterStore(self.named_layers)
-        self._store = store
-        self._model_shapes = model_shapes
-        self._shapes = store.shapes  # flat (grouped) order
-        self._params = store.params  # the flat layout [A… | B… | E…], grouped by shape
-        self._param_names = store.names
-        L = len(model_shapes)
-        self._As, self._Bs, self._Es = self._params[:L], self._params[L:2 * L], self._params[2 * L:]
+        device = devices.pop() if devices else torch.device("cpu")
+        dtype = _state_dtype(p.dtype for t in per_layer for p in t)
+        same = keep_state and model_shapes == self.layout.model_shapes
+        saved = (self._ipt, self._unc, self._keep, self._final_keep, self.init_bgt) if same else None
+
+        self.layout = FlatLayout(model_shapes)
+        self._tensor_shapes = [torch.Size(s) for s in self.layout.tensor_shapes]
         self.ranks = [s[0] for s in model_shapes]  # model order
-        self.n_triplets = sum(self.ranks)
+        self.n_triplets = self.layout.n_triplets
         self.init_bgt = self.n_triplets
-        self.target_bgt = self.target_r * L
-        if not self._params:
-            self._device, self._dtype = torch.device("cpu"), torch.get_default_dtype()
-        else:
-            self._device = devices.pop()
-            self._dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
-        self._probe = (self._params[0].device, self._params[0].dtype) if self._params else None
-        self._n_a, self._n_b = store.n_a, store.n_b
-        n = store.n
-        self._ipt = torch.zeros(n, dtype=self._dtype, device=self._device)
-        self._unc = torch.zeros(n, dtype=self._dtype, device=self._device)
-        self._work: torch.Tensor | None = None  # scratch: |p·g|, then s = Ī·Ū
-        self._means: torch.Tensor | None = None  # scratch: per-triplet means of s over A rows | B columns
-        self._canon: dict[str, torch.Tensor | None] = {}  # model-order <-> flat-order indices, built when needed
+        self.target_bgt = self.target_r * len(model_shapes)
+        self._param_names = self.layout.names([n for n, _ in self.named_layers])
+        self._allocate_state(device, dtype)
         self._keep: torch.Tensor | None = None  # the latest mask, one flag per triplet (flat order)
         self._final_keep: torch.Tensor | None = None  # the pattern fixed at t == T - tfinal
-        self._table: torch.Tensor | None = None  # Triton triplet table, built on first use
-        if saved is not None:  # same layout: keep the state, on the parameters' device and dtype
+        self._param_dtype: torch.dtype | None = None  # the one dtype of all adapter parameters, when checked
+        if saved is not None:  # same layout: the state carries over
             ipt, unc, keep, final_keep, self.init_bgt = saved
-            self._ipt.copy_(ipt)
-            self._unc.copy_(unc)
-            self._keep = None if keep is None else keep.to(self._device)
-            self._final_keep = None if final_keep is None else final_keep.to(self._device)
+            if ipt.device.type != "meta":
+                self._ipt.copy_(ipt)
+                self._unc.copy_(unc)
+                self._keep = None if keep is None else keep.to(device)
+                self._final_keep = None if final_keep is None else final_keep.to(device)
+
+    def _allocate_state(self, device: torch.device, dtype: torch.dtype) -> None:
+        n = self.layout.n
+        self._device, self._dtype = device, dtype
+        self._ipt, self._unc = torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # the next Ī, Ū (double buffer)
+        self._scratch_bufs: tuple | None = None  # flat P (then |p·g|) and G, per-triplet work
+        self._chunk_cache: dict[int, list[torch.Tensor]] = {}  # chunk views of the persistent flat buffers
+        self._chunk_bufs: tuple | None = None  # two buffers of the largest chunk's size (CPU)
+        self._mask_scratch: tuple | None = None  # buffers of mask_from_pattern
+        self._canon: dict[str, torch.Tensor | None] = {}  # model-order <-> flat-order indices, built when needed
+        self._table: torch.Tensor | None = None  # Triton triplet table, built on first use
+
+    def _follow(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the state to the parameters' device and precision (after ``model.to(...)`` or ``to_empty``)."""
+        if (device, dtype) == (self._device, self._dtype):
+            return
+        was_meta = self._device.type == "meta"
+        ipt, unc, keep, final_keep = self._ipt, self._unc, self._keep, self._final_keep
+        self._allocate_state(device, dtype)
+        if was_meta:  # a model built on meta: nothing was ever computed, start from zeros
+            self._keep = self._final_keep = None
+            return
+        self._ipt.copy_(ipt)
+        self._unc.copy_(unc)
+        self._keep = None if keep is None else keep.to(device)
+        self._final_keep = None if final_keep is None else final_keep.to(device)
 
     def refresh(self) -> None:
-        """Re-read the layers' parameters (after a layer's Parameters were replaced, moved or cast).
+        """Re-read the layers' parameters (after a layer's Parameters were replaced, moved or resized).
 
-        With unchanged shapes the state is kept; otherwise (e.g. resized to a saved rank) the
-        budget is re-read from the new ranks and the EMAs and masks start afresh.  The parameters
-        are laid out into a fresh flat buffer.  ``update_and_allocate`` calls this by itself when
-        it finds the parameters replaced or moved.
+        With unchanged shapes the state is kept; otherwise (e.g. resized to a saved rank) the budget
+        is re-read from the new ranks and the EMAs and masks start afresh.  ``update_and_allocate``
+        calls this by itself when it finds the shapes changed.
         """
         self._build(keep_state=True)
 
-    def orth_groups(self):
-        """Stacked views of the A and B matrices in the flat buffer, per shape group, for
-        ``orth.orth_reg_loss`` (no stack copy); None when the parameters are not there (any more)."""
-        store = self._store
-        return store.orth_groups() if store.flat and store.params_current() else None
+    def reset(self) -> None:
+        """Start the schedule over: zero EMAs, no masks, no last step (the weights are not touched)."""
+        self._ipt.zero_()
+        self._unc.zero_()
+        self._keep = self._final_keep = None
+        self.last_step = None
 
-    def _current(self) -> bool:
-        """The layout still describes the layers' parameters (host-side checks only)."""
-        if not self._store.params_current():
-            return False
-        if self._store.flat:
-            return True
-        p0 = self._params[0]
-        return (p0.device, p0.dtype) == self._probe
+    def _current_params(self) -> list[torch.Tensor]:
+        """The adapter Parameters in flat order, re-read from the layers; the layout follows them
+        (new shapes: a fresh layout; another device or precision: the state moves)."""
+        params = self.layout.flat_order(self._layer_params())
+        if list(map(_shape_of, params)) != self._tensor_shapes:
+            self.refresh()
+            params = self.layout.flat_order(self._layer_params())
+        if params:
+            dtypes = {params[0].dtype, params[-1].dtype}  # E last: the usual mixed case is E alone
+            if len(dtypes) > 1 or params[0].dtype != self._param_dtype:
+                dtypes = set(map(_dtype_of, params))
+                self._param_dtype = params[0].dtype if len(dtypes) == 1 else None
+            self._follow(params[0].device, _state_dtype(dtypes))
+        return params
 
     # ------------------------------------------------------------------ schedule
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """``(budget, mask_now)`` at ``step``, PEFT's cubic schedule."""
-        return reference.budget_schedule(step, self.init_bgt, self.target_bgt, self.tinit, self.tfinal,
+        return peft_math.budget_schedule(step, self.init_bgt, self.target_bgt, self.tinit, self.tfinal,
                                          self.total_step, self.deltaT)
 
     # ------------------------------------------------------------------ the step
     def update_and_allocate(self, global_step: int) -> None:
         """PEFT's ``AdaLoraModel.update_and_allocate(global_step)``: EMAs, budget, masks."""
         step = int(global_step)
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(
+                f"RankAllocator.update_and_allocate: step {step} comes after step {self.last_step}; each optimizer "
+                "step must be allocated once, with increasing steps (is update_and_allocate called both by hand and "
+                "by AdaLoraCallback?). To start the schedule over, call allocator.reset().")
         switch = self.total_step - self.tfinal
-        self.last_step = step
-        if not self._params:
+        params = self._current_params()
+        if not params:
+            self.last_step = step
             return
-        if not self._current():  # parameters replaced, moved or cast since the layout was built
-            self.refresh()
         with torch.no_grad():
             if step < switch:
-                scores = self._update_scores()
-                budget, mask_now = self.budget_schedule(step)
-                if mask_now:
-                    self._mask_to_budget(scores, budget)
+                scores = self._update_scores(params, step)
+                if scores is not None:
+                    budget, mask_now = self.budget_schedule(step)
+                    if mask_now:
+                        self._mask_to_budget(params, scores, budget)
             elif step == switch:
                 budget, _ = self.budget_schedule(step)
-                self._mask_to_budget(self._scores_only(), budget)
+                self._mask_to_budget(params, self._scores_only(), budget)
                 self._final_keep = self._keep
                 self._ipt.zero_()
                 self._unc.zero_()
             else:
                 keep = self._final_keep if self._final_keep is not None else self._keep
                 if keep is not None:  # no pattern yet (e.g. a model resized to its kept ranks): nothing to mask
-                    self._apply_keep(keep)
+                    self._apply_keep(params, keep)
+        self.last_step = step
 
-    def _use_triton(self) -> bool:
-        return (self._dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and resolve_backend(self._params[0]) == "triton")
+    def _use_triton(self, p: torch.Tensor) -> bool:
+        return self._dtype == torch.float32 and resolve_backend(p) == "triton"
 
-    def _flat_grads(self) -> torch.Tensor:
-        """The gradients in the flat layout: the store's ``G`` itself when they are there, else gathered."""
-        store = self._store
-        aligned = store.grads_aligned()
-        if aligned is None:
-            name, p = store.missing_grad()
+    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(P, G, per-triplet work)`` (P and G full-size only for the Triton path), made on first use."""
+        if self._scratch_bufs is None:
+            full = (self.layout.n,) if self._use_triton(self._ipt) else (0,)
+            P, G = self._ipt.new_empty(full), self._ipt.new_empty(full)
+            work = torch.empty(3 * self.n_triplets, dtype=self._dtype, device=self._device)
+            self._scratch_bufs = (P, G, work)
+        return self._scratch_bufs
+
+    def _chunks_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``FlatLayout.chunk_views`` of one of the allocator's persistent flat buffers (cached)."""
+        views = self._chunk_cache.get(id(flat))
+        if views is None or views[0].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            views = self._chunk_cache[id(flat)] = self.layout.chunk_views(flat)
+        return views
+
+    def _spare_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._spare is None:
+            self._spare = (torch.empty_like(self._ipt), torch.empty_like(self._unc))
+        return self._spare
+
+    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            name, p = next((n, p) for n, p, g in zip(self._param_names, params, grads) if g is None)
             raise RuntimeError(
                 f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "
                 "and before optimizer.zero_grad() (zero_grad(set_to_none=True) drops the gradients the "
                 "sensitivity needs), and make sure every adapter parameter takes part in the loss."
                 + ("" if p.requires_grad else f" ({name} has requires_grad=False.)")
             )
-        if aligned and store.G.dtype == self._dtype:
-            return store.G
-        return store.gather_grads(self._dtype)
+        return grads
 
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(p_flat, g_flat)``; views of the store's buffers when the fast path applies (do not modify)."""
-        g_flat = self._flat_grads()
-        return self._store.gather_params(self._dtype), g_flat
+    def _update_scores(self, params: list[torch.Tensor], step: int) -> torch.Tensor | None:
+        """New Ī, Ū (into the spare state buffers) from the current p and p.grad, and the (R,) triplet
+        scores; None, with the state kept, when some gradient is not finite."""
+        grads = self._grads(params)
+        ipt_new, unc_new = self._spare_state()
+        if self._use_triton(params[0]):
+            from .kernels.sensitivity import sensitivity_scores
+
+            P, G, _ = self._scratch()
+            self.layout.gather(params, self._chunks_of(P))
+            self.layout.gather(grads, self._chunks_of(G))
+            scores = sensitivity_scores(P, G, self._ipt, self._unc, self._triton_table(), self.beta1, self.beta2,
+                                        ipt_out=ipt_new, unc_out=unc_new)
+        else:  # chunk by chunk through two chunk-sized buffers, so that each chunk's passes run in cache
+            p_buf, g_buf = self._chunk_scratch()
+            w1, w2 = 1 - self.beta1, 1 - self.beta2
+            chunks = zip(self.layout.chunks(), self._chunks_of(self._ipt), self._chunks_of(self._unc),
+                         self._chunks_of(ipt_new), self._chunks_of(unc_new))
+            _, _, work = self._scratch()
+            for c, ((k, count, _, _), ipt, unc, ipt2, unc2) in enumerate(chunks):
+                p_, g_ = p_buf[:ipt.numel()].view(ipt.shape), g_buf[:ipt.numel()].view(ipt.shape)
+                torch.cat(params[k:k + count], 0, out=p_)
+                torch.cat(grads[k:k + count], 0, out=g_)
+                I = p_.mul_(g_).abs_()  # I = |p·g|
+                torch.lerp(ipt, I, w1, out=ipt2)  # Ī' = β1·Ī + (1-β1)·I
+                torch.lerp(unc, I.sub_(ipt2).abs_(), w2, out=unc2)  # Ū' = β2·Ū + (1-β2)·|I - Ī'|
+                self.layout.chunk_sums_(c, ipt2, unc2, work)  # while the chunk is in cache
+            scores = self.layout.combine_sums_(work)
+        if not bool(torch.isfinite(scores).all()):  # the one host read of the step
+            self._warn_nonfinite(params, step)
+            return None
+        self._spare, self._ipt, self._unc = (self._ipt, self._unc), ipt_new, unc_new
+        return scores
+
+    def _chunk_scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._chunk_bufs is None:
+            n = max(count * rows * self.layout.tensor_shapes[k][1] for k, count, _, rows in self.layout.chunks())
+            self._chunk_bufs = (torch.empty(n, dtype=self._dtype, device=self._device),
+                                torch.empty(n, dtype=self._dtype, device=self._device))
+        return self._chunk_bufs
+
+    def _warn_nonfinite(self, params: list[torch.Tensor], step: int) -> None:
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        name = next((n for n, p in zip(self._param_names, params) if not bool(torch.isfinite(p.grad).all())),
+                    "a parameter (its value is not finite)")
+        warnings.warn(
+            f"RankAllocator.update_and_allocate: step {step} has non-finite gradients (first: {name}); the "
+            "sensitivity EMAs and the masks were left unchanged for this step (an fp16 GradScaler skips such "
+            "steps too). This warning is shown once.", RuntimeWarning, stacklevel=3)
+
+    def _scores_only(self) -> torch.Tensor:
+        if self._use_triton(self._ipt):
+            from .kernels.sensitivity import sensitivity_scores
+
+            return sensitivity_scores(None, None, self._ipt, self._unc, self._triton_table(), self.beta1, self.beta2)
+        return self._triplet_scores_torch(self._ipt, self._unc)
 
     def _triton_table(self) -> torch.Tensor:
         if self._table is None:
-            from .kernels.sensitivity import triplet_table
+            from .kernels.sensitivity import table_tensor
 
-            self._table = triplet_table(self._shapes, self._device)
+            self._table = table_tensor(self.layout.triplet_table(), self._device)
         return self._table
 
-    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._work is None:
-            self._work = torch.empty_like(self._ipt)
-            self._means = torch.empty(2 * self.n_triplets, dtype=self._dtype, device=self._device)
-        return self._work, self._means
+    def _triplet_scores_torch(self, ipt: torch.Tensor, unc: torch.Tensor) -> torch.Tensor:
+        """``S = s_E + (mean_j s_A + mean_k s_B)`` for every triplet, ``s = Ī·Ū`` (``FlatLayout.triplet_scores``)."""
+        _, _, work = self._scratch()
+        return self.layout.triplet_scores(ipt, unc, work)
 
-    def _update_scores(self) -> torch.Tensor:
-        """Update Ī, Ū in place from the current p and p.grad; return the (R,) triplet scores."""
-        p_flat, g_flat = self._gather()
-        if self._use_triton():
-            from .kernels.sensitivity import sensitivity_scores
-
-            return sensitivity_scores(p_flat, g_flat, self._ipt, self._unc, self._triton_table(),
-                                      self.beta1, self.beta2, update=True)
-        work, _ = self._scratch()
-        ipt = torch.mul(p_flat, g_flat, out=work).abs_()  # I = |p·g|
-        self._ipt.mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
-        self._unc.mul_(self.beta2).add_(ipt.sub_(self._ipt).abs_(), alpha=1 - self.beta2)
-        return self._triplet_scores_torch()
-
-    def _scores_only(self) -> torch.Tensor:
-        if self._use_triton():
-            from .kernels.sensitivity import sensitivity_scores
-
-            return sensitivity_scores(None, None, self._ipt, self._unc, self._triton_table(),
-                                      self.beta1, self.beta2, update=False)
-        return self._triplet_scores_torch()
-
-    def _triplet_scores_torch(self) -> torch.Tensor:
-        """``S = s_E + (mean_j s_A + mean_k s_B)`` for every triplet: one ``mean`` per distinct shape and part."""
-        R = self.n_triplets
-        work, means = self._scratch()
-        s = torch.mul(self._ipt, self._unc, out=work)
-        self._store.triplet_means(s, means)
-        return s[self._n_a + self._n_b:].add_(means[:R].add_(means[R:]))
-
-    def _mask_to_budget(self, scores: torch.Tensor, budget: int) -> None:
+    def _mask_to_budget(self, params: list[torch.Tensor], scores: torch.Tensor, budget: int) -> None:
         k = min(max(self.init_bgt - int(budget), 0), self.n_triplets)
         if k == 0:  # PEFT's kthvalue would crash; pruning nothing is the budget's meaning
             keep = torch.ones(self.n_triplets, dtype=torch.bool, device=scores.device)
         else:
             threshold = torch.kthvalue(scores, k).values
-            keep = scores > threshold
+            keep = scores.le(threshold).logical_not_()  # PEFT prunes S <= τ; a NaN score never prunes
         self._keep = keep
-        self._apply_keep(keep)
+        self._apply_keep(params, keep)
 
-    def _apply_keep(self, keep: torch.Tensor) -> None:
-        """Zero every E entry whose flag is False: one ``masked_fill_`` on the flat E segment."""
-        if self._store.flat:
-            self._store.e_segment().masked_fill_(keep.logical_not(), 0)
-        else:
-            mask_from_pattern(self._Es, keep)
+    def _apply_keep(self, params: list[torch.Tensor], keep: torch.Tensor) -> None:
+        """Zero every E entry whose flag is False (the E tensors are the last ``L`` in flat order)."""
+        Es = params[2 * len(self.layout):]
+        if self._mask_scratch is None or self._mask_scratch[0].dtype != Es[0].dtype:
+            self._mask_scratch = mask_scratch(Es)
+        mask_from_pattern(Es, keep, self._mask_scratch)
 
     # ------------------------------------------------------------------ model order
     def _canonical(self, kind: str) -> torch.Tensor | None:
         """Positions in the flat layout of the model-order entries (``"elements"`` or ``"triplets"``)."""
         if kind not in self._canon:
-            pieces = (self._store.canonical_element_index() if kind == "elements"
-                      else self._store.canonical_triplet_index())
-            self._canon[kind] = None if pieces is None else torch.cat(pieces).to(self._device)
+            idx = (self.layout.canonical_element_index() if kind == "elements"
+                   else self.layout.canonical_triplet_index())
+            self._canon[kind] = None if idx is None else idx.to(self._device)
         return self._canon[kind]
 
     def _to_model_order(self, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -302,12 +396,12 @@ class RankAllocator:
             return None
         flags = self._keep.tolist()
         return {f"{name}.lora_E": [bool(f) for f in flags[t0:t0 + r]]
-                for (name, _), r, t0 in zip(self.named_layers, self.ranks, self._store.triplet_start)}
+                for (name, _), r, t0 in zip(self.named_layers, self.ranks, self.layout.triplet_start)}
 
     def set_rank_pattern(self, rank_pattern: dict[str, list[bool]], final: bool = True) -> None:
         """Adopt a saved pattern (keys ``"<path>.lora_E"``) as the latest mask and, if ``final``, the fixed one."""
         flags = [False] * self.n_triplets  # flat order
-        for (name, _), r, t0 in zip(self.named_layers, self.ranks, self._store.triplet_start):
+        for (name, _), r, t0 in zip(self.named_layers, self.ranks, self.layout.triplet_start):
             key = f"{name}.lora_E"
             if key not in rank_pattern:
                 raise KeyError(f"RankAllocator.set_rank_pattern: no entry {key!r} in the rank pattern")
@@ -325,7 +419,7 @@ class RankAllocator:
         """Everything an exact resume needs: EMAs, masks, step, and the layout they belong to.
 
         The EMAs and masks are saved in model order (``[A_0…A_{L-1} | B… | E…]``, triplets layer by
-        layer), whatever the flat layout, as fresh tensors.
+        layer), whatever the flat layout, as fresh fp32 / bool tensors.
         """
         return {
             "names": [n for n, _ in self.named_layers],
@@ -338,24 +432,68 @@ class RankAllocator:
             "final_keep": None if self._final_keep is None else self._to_model_order(self._final_keep, "triplets"),
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def _validated(self, sd) -> dict[str, Any]:
+        """``sd`` checked key by key (nothing is written here); raises ``ValueError`` naming the key."""
+        where = "RankAllocator.load_state_dict"
+        if not isinstance(sd, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(sd).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in sd]
+        unknown = sorted(set(sd) - set(_STATE_KEYS))
+        if missing or unknown:
+            raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}")
         names = [n for n, _ in self.named_layers]
         if list(sd["names"]) != names or list(sd["ranks"]) != self.ranks:
             raise ValueError(
-                "RankAllocator.load_state_dict: the saved state is for layers/ranks "
+                f"{where}: 'names'/'ranks' say the saved state is for layers/ranks "
                 f"{list(zip(sd['names'], sd['ranks']))}, this allocator has {list(zip(names, self.ranks))}"
             )
+
+        def _int(key, lo, hi, allow_none=False):
+            v = sd[key]
+            if v is None and allow_none:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{where}: {key!r} must be an int in [{lo}, {hi}]"
+                                 f"{' or None' if allow_none else ''}, got {v!r}")
+            return v
+
+        out = {"init_bgt": _int("init_bgt", 0, 2**62), "last_step": _int("last_step", 0, 2**62, allow_none=True)}
+        for key, n in (("ipt", self.layout.n), ("unc", self.layout.n)):
+            t = sd[key]
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or tuple(t.shape) != (n,):
+                desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"{where}: {key!r} must be a floating tensor of shape ({n},), got {desc}")
+            if t.device.type != "meta" and not bool((torch.isfinite(t) & (t >= 0)).all()):
+                raise ValueError(f"{where}: {key!r} holds negative or non-finite values; an EMA of |p·g| is >= 0")
+            out[key] = t
+        for key in ("keep", "final_keep"):
+            t = sd[key]
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.bool
+                                  or tuple(t.shape) != (self.n_triplets,)):
+                desc = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"{where}: {key!r} must be None or a bool tensor of shape ({self.n_triplets},), "
+                                 f"got {desc}")
+            out[key] = t
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Adopt a ``state_dict()``: every key is validated first; on error nothing changes."""
+        checked = self._validated(sd)
+        params = self._current_params()  # the state follows the parameters' device first
+        del params
+        ipt, unc = torch.empty_like(self._ipt), torch.empty_like(self._unc)
         with torch.no_grad():
-            self._from_model_order(self._ipt, sd["ipt"], "elements")
-            self._from_model_order(self._unc, sd["unc"], "elements")
-        self.init_bgt = int(sd.get("init_bgt", self.init_bgt))
-        self.last_step = sd.get("last_step")
+            self._from_model_order(ipt, checked["ipt"], "elements")
+            self._from_model_order(unc, checked["unc"], "elements")
 
         def _mask(t):
             if t is None:
                 return None
             return self._from_model_order(torch.empty(self.n_triplets, dtype=torch.bool, device=self._device),
-                                          t.reshape(-1), "triplets")
+                                          t, "triplets")
 
-        self._keep = _mask(sd.get("keep"))
-        self._final_keep = _mask(sd.get("final_keep"))
+        keep, final_keep = _mask(checked["keep"]), _mask(checked["final_keep"])
+        self._ipt, self._unc, self._keep, self._final_keep = ipt, unc, keep, final_keep
+        self._spare = None
+        self.init_bgt = checked["init_bgt"]
+        self.last_step = checked["last_step"]

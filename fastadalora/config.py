@@ -1,17 +1,8 @@
 """``AdaLoraConfig``: the fields of PEFT 0.21's ``AdaLoraConfig`` that AdaLoRA uses, validated up front.
 
-A PEFT user switches by changing the import: field names and defaults are PEFT's.  What we do
-differently, on purpose:
-
-- Configs that PEFT accepts and then crashes on later are rejected here with a ``ValueError``:
-  ``target_r >= init_r`` (PEFT fails in ``kthvalue``), ``deltaT < 1`` (``deltaT = 0`` divides by
-  zero), betas outside (0, 1) (PEFT asserts), negative ``tinit``/``tfinal``, a ``bias`` other than
-  ``"none"``.
-- The config is never mutated after construction.  PEFT rewrites ``fan_in_fan_out`` while
-  injecting and ``rank_pattern`` while training/saving; we keep both on the model instead
-  (``AdaLoraModel.rank_pattern``, ``AdaLoraModel.export_config()``).
-- PEFT-only fields with no meaning here (``r``, ``use_dora``, ``loftq_config``, ``layers_to_transform``,
-  ...) are not accepted: passing one raises ``TypeError`` rather than being silently ignored.
+A PEFT user switches by changing the import: field names and defaults are PEFT's.  The config is
+validated when built and never mutated afterwards; what that rejects that PEFT accepts is listed
+in the README's "Differences from PEFT".
 """
 
 from __future__ import annotations

@@ -164,8 +164,10 @@ def make_task(dm: DemoModel, n: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 
 # ============================================================================ helpers
 def module_kind(path: str) -> str:
+    from .targeting import name_matches
+
     for suffix, label in _KINDS:
-        if path == suffix or path.endswith("." + suffix):
+        if name_matches([suffix], path):
             return label
     return path.rsplit(".", 1)[-1]
 
@@ -305,29 +307,6 @@ def save_adapter(adalora_model, directory: Path) -> str:
     return f"adapter saved to {directory}"
 
 
-# ============================================================================ PEFT twin
-def build_peft_twin(base: torch.nn.Module, ours, dm: DemoModel, steps: int):
-    """PEFT's AdaLoRA on a copy of ``base`` with our initial adapter weights; ranknum frozen."""
-    import peft
-
-    kw = adalora_kwargs(dm, steps)
-    cfg = peft.AdaLoraConfig(task_type="SEQ_CLS", **kw)  # task_type: PEFT adds the orth term only with one
-    twin = peft.get_peft_model(base, cfg)
-    inner = twin.base_model.model
-    with torch.no_grad():
-        for path, layer in ours.adapter_layers().items():
-            mod = inner.get_submodule(path)
-            for name in ("lora_A", "lora_E", "lora_B"):
-                getattr(mod, name)["default"].copy_(getattr(layer, name))
-            mod.ranknum["default"].requires_grad_(False)
-    return twin
-
-
-def peft_masks(twin, paths) -> dict[str, list[bool]]:
-    inner = twin.base_model.model
-    return {p: (inner.get_submodule(p).lora_E["default"].detach().reshape(-1) != 0).tolist() for p in paths}
-
-
 # ============================================================================ main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastadalora demo", description=__doc__.split("\n\n")[0],
@@ -371,7 +350,9 @@ def main(argv=None) -> dict:
             import peft  # noqa: F401
         except ImportError:
             raise SystemExit("--compare-peft needs PEFT: pip install peft==0.21.0") from None
-        twin = build_peft_twin(peft_base, model, dm, args.steps)
+        from .peft_twin import peft_twin
+
+        twin = peft_twin(peft_base, model, task_type="SEQ_CLS")  # task_type: PEFT adds the orth term only with one
         twin.train()
 
     # data: train and held-out from different seeds
@@ -395,7 +376,7 @@ def main(argv=None) -> dict:
 
     from tqdm.auto import tqdm
 
-    from .reference import budget_schedule
+    from .peft_math import budget_schedule
 
     history = {"loss": [], "budget": [], "peft_loss": []}
     budget, switch = init_budget, kw["total_step"] - kw["tfinal"]
@@ -463,6 +444,8 @@ def main(argv=None) -> dict:
     }
 
     if twin is not None:
+        from .peft_twin import peft_masks
+
         theirs = peft_masks(twin, layers)
         ours_m = {p: (layer.lora_E.detach().reshape(-1) != 0).tolist() for p, layer in layers.items()}
         differ = sorted(p for p in layers if ours_m[p] != theirs[p])

@@ -13,13 +13,12 @@ from .backends import get_backend, resolve_backend
 
 def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                    E: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, backend: str | None = None, *, grad_sink=None) -> torch.Tensor:
+                   dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
     """``x·Wᵀ + b + (dropout(x)·(A⊙(E·mask))ᵀ·Bᵀ)·scale`` for x of shape (..., in).
 
     ``weight`` is (out, in); ``scale`` is ``scaling / (ranknum + 1e-5)``; ``dropout_p`` 0 means
     no dropout.  Under ``torch.autocast`` the reference path runs, so autocast's casting rules
-    apply to every GEMM exactly as for PEFT.  ``grad_sink`` is passed to the backend (see
-    ``fastadalora.backends``): where the backward may write the adapter's gradients.
+    apply to every GEMM exactly as for PEFT.
     """
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
@@ -28,9 +27,5 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         if backend is None:
             backend = "reference" if torch.is_autocast_enabled(x.device.type) else resolve_backend(x)
-        if grad_sink is None:
-            y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p)
-        else:
-            y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p,
-                                                    grad_sink=grad_sink)
+        y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p)
     return y.reshape(*lead, y.shape[-1])

@@ -19,7 +19,7 @@ which is also the key in ``adapter_config.json``.  ``AdaLoraModel.rank_pattern``
 form, ``"<module path in .model>.lora_E"``: the same string PEFT writes to disk.  PEFT's tensor
 keys in ``adapter_model.safetensors`` add the prefix ``"base_model.model."``.
 
-``DIFFERENCES`` lists every behaviour that differs from PEFT 0.21 on purpose.
+What differs from PEFT 0.21 on purpose is listed once, in the README's "Differences from PEFT".
 """
 
 from __future__ import annotations
@@ -30,148 +30,18 @@ import functools
 import inspect
 import io
 import operator
-import re
 import warnings
 
 import torch
 from torch import nn
 
+from . import checkpoint, targeting
+from .checkpoint import peft_format
 from .config import AdaLoraConfig
-from .layers import AdaLoraLinear
-
-DIFFERENCES = """\
-- The orthogonal term is added to `.loss` only in training mode (`model.train()`); PEFT also adds it in eval,
-  so PEFT's eval losses include `orth_reg_weight * R` and ours do not.
-- The orthogonal term does not depend on a `task_type`: PEFT skips it when the PeftModel has no task_type.
-- `modules_to_save` modules are trained in place; PEFT trains a copy (`ModulesToSaveWrapper`) and keeps the
-  original. The numbers are the same.
-- `modules_to_save` entries match like `target_modules` (full name, or a suffix after a '.'); PEFT uses a bare
-  `endswith`, so 'classifier' would also match 'my_classifier' there. A `modules_to_save` entry that matches
-  nothing is an error (PEFT ignores it); the heads added for a `task_type` may be absent.
-- `ranknum` is a fixed Python float, never a Parameter (PEFT's ends up trainable with a non-fp32 base).
-- The config is never mutated: PEFT rewrites `fan_in_fan_out` while injecting and `rank_pattern` while training
-  and saving. The rank pattern lives on the model (`AdaLoraModel.rank_pattern`, `export_config()`).
-- Invalid schedules (`target_r >= init_r`, `deltaT < 1`, betas outside (0, 1)) are rejected when the config is
-  built; PEFT accepts some of them and crashes later.
-- Every check (targets found, module types supported) runs before the model is changed; nothing is
-  half-modified on error.
-- `update_and_allocate` raises a RuntimeError naming the parameter when a gradient is missing (PEFT: a TypeError
-  from `p * None`).
-- `state_dict()` includes the allocator state (sensitivity EMAs, rank pattern) under `_extra_state`, as a uint8
-  tensor so that safetensors (and `transformers.Trainer` checkpoints) can store it.
-"""
-
-# PEFT 0.21's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: the targets used when
-# `target_modules` is None, by `model.config.model_type`.
-DEFAULT_TARGET_MODULES = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "llama4": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gpt_bigcode": ["c_attn"],
-    "deberta": ["in_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+from .layers import AdaLoraLinear, AdapterLayer
+from .orth import OrthRegularizer
 
 _EXTRA_STATE_FORMAT = "fastadalora.AdaLoraModel"
-
-
-# --------------------------------------------------------------------------- matching
-def name_matches(patterns, key: str) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches ``key == p`` or ``key.endswith('.' + p)``."""
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, key) is not None
-    return key in patterns or any(key.endswith("." + p) for p in patterns)
-
-
-def _inside(heads, key: str) -> bool:
-    """True when ``key`` is one of the ``heads`` modules or lies inside one (PEFT never adapts those)."""
-    return any(re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", key) for h in heads)
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional
-        return None
-    return Conv1D
-
-
-def _resolve_targets(model: nn.Module, config: AdaLoraConfig):
-    if config.target_modules is not None:
-        return config.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGET_MODULES:
-        return DEFAULT_TARGET_MODULES[model_type]
-    raise ValueError(
-        "`target_modules` is None and there is no default for this model"
-        + (f" (model_type={model_type!r})" if model_type else "")
-        + ": pass target_modules, e.g. ['q_proj', 'v_proj']."
-    )
-
-
-def find_targets(model: nn.Module, config: AdaLoraConfig) -> list[tuple[str, nn.Module]]:
-    """The ``(path, module)`` pairs to adapt, in ``model.named_modules()`` order (PEFT's injection order).
-
-    Raises ``ValueError`` when nothing matches, and ``TypeError`` naming the module when a matched
-    module is not an ``nn.Linear`` or transformers ``Conv1D``.  Changes nothing.
-    """
-    targets = _resolve_targets(model, config)
-    heads = config.head_modules()
-    conv1d = _conv1d_type()
-    supported = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
-    found = []
-    for key, module in model.named_modules():
-        if not key or name_matches(config.exclude_modules, key) or _inside(heads, key):
-            continue
-        if not name_matches(targets, key):
-            continue
-        if isinstance(module, AdaLoraLinear):
-            raise ValueError(f"Module {key!r} is already an AdaLoraLinear: the model was adapted before.")
-        if not isinstance(module, supported):
-            raise TypeError(
-                f"Target module {key!r} is a {type(module).__module__}.{type(module).__name__}, which AdaLoRA "
-                "cannot adapt: only torch.nn.Linear and transformers Conv1D are supported. Narrow "
-                "`target_modules` so that it does not match this module."
-            )
-        if any(key.startswith(p + ".") for p, _ in found):
-            continue  # inside a module already targeted
-        found.append((key, module))
-    if not found:
-        names = [k for k, m in model.named_modules() if isinstance(m, supported)]
-        raise ValueError(
-            f"Target modules {targets!r} matched no module of the model. Linear layers it has: "
-            f"{names[:12]}{' ...' if len(names) > 12 else ''}"
-        )
-    return found
-
-
-def _find_heads(model: nn.Module, config: AdaLoraConfig) -> list[nn.Module]:
-    modules = []
-    for head in config.head_modules():
-        matched = [m for k, m in model.named_modules() if k and name_matches([head], k)]
-        if not matched and head in (config.modules_to_save or ()):
-            raise ValueError(f"`modules_to_save` entry {head!r} matches no module of the model.")
-        modules.extend(matched)
-    return modules
 
 
 # --------------------------------------------------------------------------- model
@@ -216,11 +86,13 @@ class AdaLoraModel(nn.Module):
             raise TypeError(f"config must be a fastadalora.AdaLoraConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)
         # every check first: the model is untouched if any fails
-        targets = find_targets(model, config)
-        heads = _find_heads(model, config)
-        conv1d = _conv1d_type()
-        kinds = {conv1d is not None and isinstance(m, conv1d) for _, m in targets}
-        if any(fifo != config.fan_in_fan_out for fifo in kinds):
+        targets = targeting.find_targets(model, config, (AdapterLayer,))
+        names = [k for k, _ in model.named_modules() if k]
+        for head in config.modules_to_save or ():
+            if not any(targeting.name_matches([head], k) for k in names):
+                raise ValueError(f"`modules_to_save` entry {head!r} matches no module of the model.")
+        heads = targeting.find_heads(model, config.head_modules())
+        if any(targeting.is_conv1d(m) != config.fan_in_fan_out for _, m in targets):
             warnings.warn(
                 f"fan_in_fan_out={config.fan_in_fan_out} does not fit every target; each module uses its own layout "
                 "(Conv1D: fan_in_fan_out=True, nn.Linear: False), as PEFT ends up doing."
@@ -234,8 +106,8 @@ class AdaLoraModel(nn.Module):
             for path, module in targets:
                 layers[path] = AdaLoraLinear(
                     module, r=config.init_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    fan_in_fan_out=conv1d is not None and isinstance(module, conv1d),
-                    init_lora_weights=config.init_lora_weights, name=path,
+                    fan_in_fan_out=targeting.is_conv1d(module), init_lora_weights=config.init_lora_weights,
+                    name=path,
                 )
             from .allocator import RankAllocator
 
@@ -255,22 +127,24 @@ class AdaLoraModel(nn.Module):
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         model.requires_grad_(False)
         for layer in layers.values():
-            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+            for p in layer.adapter_params():
                 p.requires_grad_(True)
-        for head in heads:
+        for head in heads.values():
             head.requires_grad_(True)
 
         self.model = model
         self.adalora_config = config
-        self._adapters = layers  # plain dict (the layers are registered once, inside .model)
+        self._adapters = layers  # plain dicts (the modules are registered once, inside .model)
+        self._heads = heads
         self.allocator = allocator
+        self._orth = OrthRegularizer()
 
     # ------------------------------------------------------------------ attribute forwarding
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("model", "_adapters", "allocator", "adalora_config"):
+            if name in ("model", "_adapters", "_heads", "_orth", "allocator", "adalora_config"):
                 raise
             return getattr(self.model, name)
 
@@ -288,16 +162,25 @@ class AdaLoraModel(nn.Module):
         return self.model
 
     # ------------------------------------------------------------------ adapters
-    def adapter_layers(self) -> dict[str, AdaLoraLinear]:
-        """``{module path in .model: AdaLoraLinear}`` in ``named_modules`` order."""
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        """``{module path in .model: adapter layer}`` in ``named_modules`` order."""
         return dict(self._adapters)
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """``{module path in .model: module}`` of the heads trained in full (``modules_to_save``, task heads)."""
+        return dict(self._heads)
+
+    def live_masks(self) -> dict[str, list[bool] | None]:
+        """Per adapter path, the latest keep-mask over the triplets the layer holds (None: no mask yet)."""
+        pattern = self.rank_pattern or {}
+        return {path: pattern.get(f"{path}.lora_E") for path in self._adapters}
 
     # ------------------------------------------------------------------ training hooks
     @_advertises_model_signature
     def forward(self, *args, **kwargs):
         """Call the model; in training mode add ``orth_reg_weight · orth_reg_loss()`` to a tensor ``.loss``.
 
-        Unlike PEFT, nothing is added in eval mode (see ``DIFFERENCES``).
+        Unlike PEFT, nothing is added in eval mode.
         """
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
@@ -308,13 +191,10 @@ class AdaLoraModel(nn.Module):
 
     def orth_reg_loss(self) -> torch.Tensor:
         """``R = mean over every A and B of ‖G − I‖_F`` (``G = A·Aᵀ``, ``Bᵀ·B``), PEFT's order: A then B per layer."""
-        from .orth import orth_reg_loss
-
-        layers = list(self._adapters.values())
-        if not layers:
+        if not self._adapters:
             raise RuntimeError("The model has no adapters left (merge_and_unload was called).")
-        groups = self.allocator.orth_groups() if self.allocator is not None else None
-        return orth_reg_loss([layer.lora_A for layer in layers], [layer.lora_B for layer in layers], groups)
+        triples = [layer.adapter_params() for layer in self._adapters.values()]
+        return self._orth([t[0] for t in triples], [t[2] for t in triples])
 
     def update_and_allocate(self, global_step: int) -> None:
         """Update sensitivities and mask ranks; call once per optimizer step, after ``optimizer.step()``
@@ -373,18 +253,54 @@ class AdaLoraModel(nn.Module):
             self.allocator.load_state_dict(state["allocator"])
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write the adapter in PEFT 0.21's format (see ``fastadalora.checkpoint.save_pretrained``)."""
-        from .checkpoint import save_pretrained
+    def save_pretrained(self, save_directory, *, safe_serialization: bool = True, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT 0.21's format.
 
-        save_pretrained(self, save_directory, **kwargs)
+        The live model and its config are not modified.  ``safe_serialization`` and
+        ``is_main_process`` are PEFT's keywords: only safetensors is written (``False`` raises),
+        and nothing is written when ``is_main_process`` is False.
+        """
+        if not safe_serialization:
+            raise ValueError("save_pretrained: fastadalora writes safetensors only (safe_serialization=False "
+                             "would write a pickle, which from_pretrained refuses to load)")
+        if not is_main_process:
+            return
+        layers, heads, masks = self.adapter_layers(), self.head_modules(), self.live_masks()
+        tensors = peft_format.adapter_tensors(layers, masks, heads)
+        config = peft_format.config_dict(self.adalora_config, self.model, layers, heads, masks)
+        checkpoint.write_checkpoint(save_directory, tensors, config)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, pretrained_path, is_trainable: bool = False) -> "AdaLoraModel":
-        """Load an adapter saved by PEFT 0.21 or by us onto ``model`` (see ``fastadalora.checkpoint``)."""
-        from .checkpoint import from_pretrained
+        """Load an AdaLoRA adapter saved by PEFT 0.21 or by ``save_pretrained`` onto ``model``.
 
-        return from_pretrained(model, pretrained_path, is_trainable=is_trainable)
+        Adapters are injected at ``init_r``, each resized to its saved rank (``ranknum`` stays
+        ``init_r``, so the scale is PEFT's), and the weights copied in; weights of ``modules_to_save``
+        are copied into the model's modules.  Everything is validated first (``checkpoint.plan_load``):
+        on any error the model is left untouched.  ``is_trainable=False`` freezes the adapters and puts
+        the model in eval mode; ``True`` leaves adapters and heads trainable (train/eval mode
+        unchanged, as PEFT) and training continues with the budget computed from the loaded ranks.
+        """
+        plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,))
+        adalora = cls(model, plan.config)
+        adalora._apply_checkpoint(plan)
+        if not is_trainable:
+            adalora.requires_grad_(False)
+            adalora.eval()
+        return adalora
+
+    def _apply_checkpoint(self, plan) -> None:
+        """Resize and fill the adapters and heads from a validated ``CheckpointPlan``."""
+        with torch.no_grad():
+            for lp in plan.layers:
+                layer = self._adapters[lp.path]
+                if lp.keep is not None and not all(lp.keep):
+                    layer.resize_rank(lp.keep)
+                layer.load_adapter_(*(lp.tensors[name] for name in peft_format.LORA))
+            for (owner, name), t in plan.head_tensors.items():
+                self._heads[owner].state_dict(keep_vars=True)[name].copy_(t)
+        self.allocator.refresh()
 
     # ------------------------------------------------------------------ export / info
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastadalora  # noqa: E402
-from tiny_models import batches, tiny_bert  # noqa: E402
+from support import batches, tiny_bert  # noqa: E402
 
 TOTAL_STEP = 24
 CONFIG = dict(init_r=4, target_r=2, tinit=2, tfinal=8, deltaT=2, total_step=TOTAL_STEP, lora_alpha=8,

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastadalora.allocator import RankAllocator, mask_from_pattern
 from fastadalora.backends import use_backend
-from op_counter import OpCounter
+from support import OpCounter
 
 peft_layer = pytest.importorskip("peft.tuners.adalora.layer")
 peft_model = pytest.importorskip("peft.tuners.adalora.model")
@@ -28,6 +28,9 @@ class StandIn(nn.Module):
         self.lora_A = nn.Parameter(torch.randn(r, fan_in, dtype=dtype))
         self.lora_E = nn.Parameter(torch.randn(r, 1, dtype=dtype))
         self.lora_B = nn.Parameter(torch.randn(fan_out, r, dtype=dtype))
+
+    def adapter_params(self):
+        return self.lora_A, self.lora_E, self.lora_B
 
 
 class PeftStandIn(nn.Module):
@@ -90,11 +93,8 @@ def ours(layers):
 
 def flat_state(alloc):
     """Our flat Ī/Ū split back into ``{"layers.k.lora_X": tensor}``."""
-    out = {}
-    sizes = [p.numel() for p in alloc._params]
-    for name, p, i, u in zip(alloc._param_names, alloc._params, alloc._ipt.split(sizes), alloc._unc.split(sizes)):
-        out[name] = (i.view(p.shape), u.view(p.shape))
-    return out
+    return {name: (i, u) for name, i, u in zip(alloc._param_names, alloc.layout.views(alloc._ipt),
+                                                alloc.layout.views(alloc._unc))}
 
 
 # --------------------------------------------------------------------------- PEFT equivalence
@@ -278,10 +278,11 @@ def test_op_count_independent_of_layer_count(step, warm):
     # 3 vs 9 layers of the same 3 shapes: the count may follow the number of distinct shapes, never L
     two, eight = _ops_at(3, step, warm), _ops_at(9, step, warm)
     assert two == eight, (two, eight)
-    assert "_local_scalar_dense" not in two  # no .item() / .tolist() / bool(tensor)
+    # one host read (the finite check of the scores) on a step that reads gradients, none otherwise
+    assert two.count("_local_scalar_dense") == (1 if step < 15 else 0)
     print(f"{step}: {len(two)} ops: {two}")
-    if step == 4:  # hand-assigned gradients: gathered with one _foreach_copy_; means per shape; one masked_fill_
-        assert "kthvalue" in two and "mean" in two and "_foreach_copy_" in two and "masked_fill_" in two
+    if step == 4:  # p and g gathered (cat per shape and part); sums per shape (bmm); one kthvalue
+        assert "kthvalue" in two and "bmm" in two and "cat" in two and "_foreach_mul_" not in two
 
 
 def test_op_count_independent_of_layer_count_triton():
@@ -289,7 +290,7 @@ def test_op_count_independent_of_layer_count_triton():
     with use_backend("triton"):
         two, eight = _ops_at(3, 4, [3], torch.float32), _ops_at(9, 4, [3], torch.float32)
     assert two == eight, (two, eight)
-    assert "_local_scalar_dense" not in two and "kthvalue" in two and "index_add_" not in two
+    assert two.count("_local_scalar_dense") == 1 and "kthvalue" in two and "index_add_" not in two
 
 
 # --------------------------------------------------------------------------- Triton path
@@ -323,7 +324,7 @@ def test_bfloat16_runs_the_schedule(backend):
         perturb_and_grad(step, layers)
         with use_backend(backend):
             alloc.update_and_allocate(step)
-        assert alloc._ipt.dtype == torch.bfloat16 and torch.isfinite(alloc._ipt).all()
+        assert alloc._ipt.dtype == torch.float32 and torch.isfinite(alloc._ipt).all()  # fp32 state
     pattern = alloc.rank_pattern
     assert sum(sum(v) for v in pattern.values()) == SCHEDULE["target_r"] * len(shapes)
     for key, layer in layers.items():

@@ -16,7 +16,7 @@ import safetensors.torch
 import fastadalora
 from fastadalora import checkpoint as ck
 from fastadalora.layers import AdaLoraLinear
-from tiny_models import batches, tiny_bert, tiny_gpt2_lm
+from support import batches, tiny_bert, tiny_gpt2_lm
 
 peft = pytest.importorskip("peft")
 
@@ -121,7 +121,7 @@ def test_saved_format_matches_peft(tmp_path):
     pm = peft_trained("bert")
     pm.save_pretrained(tmp_path / "peft")
     am = fa_trained("bert")
-    ck.save_pretrained(am, tmp_path / "fa")
+    am.save_pretrained(tmp_path / "fa")
 
     peft_sd = safetensors.torch.load_file(tmp_path / "peft" / ck.WEIGHTS_NAME)
     fa_sd = safetensors.torch.load_file(tmp_path / "fa" / ck.WEIGHTS_NAME)
@@ -153,7 +153,7 @@ def test_fastadalora_to_peft(tmp_path, case):
     am = fa_trained(case)
     assert am.rank_pattern is not None
     expected = outputs(am, case)
-    ck.save_pretrained(am, tmp_path)
+    am.save_pretrained(tmp_path)
     pm = peft.PeftModel.from_pretrained(CASES[case]["build"](seed=0), tmp_path)
     assert_close(outputs(pm, case), expected)
 
@@ -165,7 +165,7 @@ def test_peft_to_fastadalora(tmp_path, case):
     pm.save_pretrained(tmp_path)
     rank_pattern = json.loads((tmp_path / ck.CONFIG_NAME).read_text())["rank_pattern"]
     assert rank_pattern
-    am = ck.from_pretrained(CASES[case]["build"](seed=0), tmp_path)
+    am = fastadalora.AdaLoraModel.from_pretrained(CASES[case]["build"](seed=0), tmp_path)
     assert_close(outputs(am, case), expected)
     for path, layer in am.adapter_layers().items():
         assert layer.r == sum(rank_pattern[f"{path}.lora_E"])
@@ -179,11 +179,11 @@ def test_peft_to_fastadalora(tmp_path, case):
 def test_fastadalora_round_trip_and_resave(tmp_path, case):
     am = fa_trained(case)
     expected = outputs(am, case)
-    am.save_pretrained(tmp_path / "a")  # the public method and classmethod delegate to checkpoint.py
+    am.save_pretrained(tmp_path / "a")
     loaded = fastadalora.AdaLoraModel.from_pretrained(CASES[case]["build"](seed=0), tmp_path / "a")
     assert_close(outputs(loaded, case), expected)
     # a loaded (resized) model saves the same checkpoint again, rank pattern positions included
-    ck.save_pretrained(loaded, tmp_path / "b")
+    loaded.save_pretrained(tmp_path / "b")
     a_cfg = json.loads((tmp_path / "a" / ck.CONFIG_NAME).read_text())
     b_cfg = json.loads((tmp_path / "b" / ck.CONFIG_NAME).read_text())
     assert a_cfg == b_cfg
@@ -197,7 +197,7 @@ def test_fastadalora_round_trip_and_resave(tmp_path, case):
 
 def test_unpruned_checkpoint_has_no_rank_pattern(tmp_path):
     am = fa_trained("bert", steps=1)  # no mask yet (tinit=1)
-    ck.save_pretrained(am, tmp_path)
+    am.save_pretrained(tmp_path)
     assert json.loads((tmp_path / ck.CONFIG_NAME).read_text())["rank_pattern"] is None
     pm = peft.PeftModel.from_pretrained(tiny_bert(seed=0), tmp_path)
     assert_close(outputs(pm, "bert"), outputs(am, "bert"))
@@ -206,18 +206,18 @@ def test_unpruned_checkpoint_has_no_rank_pattern(tmp_path):
 def test_default_target_modules_are_written_resolved(tmp_path):
     """target_modules=None resolves to the model type's default; the file names it so PEFT targets the same."""
     am = fastadalora.get_adalora_model(tiny_gpt2_lm(seed=0), fastadalora.AdaLoraConfig(**SCHEDULE))
-    ck.save_pretrained(am, tmp_path)
+    am.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / ck.CONFIG_NAME).read_text())
     assert cfg["target_modules"] == ["c_attn"] and cfg["fan_in_fan_out"] is True
     assert cfg["task_type"] is None and cfg["modules_to_save"] is None
-    loaded = ck.from_pretrained(tiny_gpt2_lm(seed=0), tmp_path)
+    loaded = fastadalora.AdaLoraModel.from_pretrained(tiny_gpt2_lm(seed=0), tmp_path)
     assert list(loaded.adapter_layers()) == list(am.adapter_layers())
 
 
 def test_is_trainable_continues_from_loaded_ranks(tmp_path):
     pm = peft_trained("bert")
     pm.save_pretrained(tmp_path)
-    am = ck.from_pretrained(tiny_bert(seed=0), tmp_path, is_trainable=True)
+    am = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path, is_trainable=True)
     am.train()
     ranks = [layer.r for layer in am.adapter_layers().values()]
     assert am.allocator.init_bgt == sum(ranks) < SCHEDULE["init_r"] * len(ranks)
@@ -231,7 +231,7 @@ def test_is_trainable_continues_from_loaded_ranks(tmp_path):
         opt.step()
         am.update_and_allocate(step)
         opt.zero_grad()
-    ck.save_pretrained(am, tmp_path / "again")
+    am.save_pretrained(tmp_path / "again")
     loaded = peft.PeftModel.from_pretrained(tiny_bert(seed=0), tmp_path / "again")
     assert_close(outputs(loaded, "bert"), outputs(am, "bert"))
 
@@ -243,7 +243,7 @@ def test_save_does_not_change_live_model_or_config(tmp_path):
     before = snapshot(am)
     cfg_before = copy.deepcopy(am.adalora_config)
     pattern_before = copy.deepcopy(am.rank_pattern)
-    ck.save_pretrained(am, tmp_path)
+    am.save_pretrained(tmp_path)
     assert_same_snapshot(before, snapshot(am))
     assert am.adalora_config == cfg_before and am.adalora_config.rank_pattern is None
     assert am.rank_pattern == pattern_before
@@ -258,7 +258,7 @@ def test_save_does_not_change_live_model_or_config(tmp_path):
 # --------------------------------------------------------------------------- atomicity
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     am = fa_trained("bert", steps=3)
-    ck.save_pretrained(am, tmp_path)
+    am.save_pretrained(tmp_path)
     good = files(tmp_path)
     expected = outputs(am, "bert")
     _train(am, lambda s: am.update_and_allocate(s + 3), "cls", steps=2, seed=10)  # the live model moves on
@@ -273,7 +273,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        ck.save_pretrained(am, tmp_path)
+        am.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert files(tmp_path) == good  # nothing replaced, no temporary left
 
@@ -281,12 +281,12 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def fail_json(obj, path):
         raise OSError("killed")
 
-    monkeypatch.setattr(ck, "_write_json", fail_json)
+    monkeypatch.setattr(ck.files, "_write_json", fail_json)
     with pytest.raises(OSError, match="killed"):
-        ck.save_pretrained(am, tmp_path)
+        am.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert files(tmp_path) == good
-    assert_close(outputs(ck.from_pretrained(tiny_bert(seed=0), tmp_path), "bert"), expected)
+    assert_close(outputs(fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path), "bert"), expected)
 
 
 KILL_SCRIPT = r"""
@@ -307,7 +307,7 @@ if sys.argv[3] == "kill":
             fh.truncate(os.path.getsize(filename) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
     safetensors.torch.save_file = half_then_die
-ck.save_pretrained(am, sys.argv[1])
+am.save_pretrained(sys.argv[1])
 """
 
 
@@ -327,7 +327,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     assert {k: now[k] for k in good} == good  # the leftover is only a hidden temporary file
     assert all(k.startswith(".") and k.endswith(".tmp") for k in set(now) - set(good))
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    am = ck.from_pretrained(model, tmp_path)
+    am = fastadalora.AdaLoraModel.from_pretrained(model, tmp_path)
     assert all(torch.all(layer.lora_E == 0.5) for layer in am.adapter_layers().values())
 
 
@@ -338,7 +338,7 @@ def good_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ck.save_pretrained(fa_trained("bert"), d)
+        fa_trained("bert").save_pretrained(d)
     return d
 
 
@@ -457,7 +457,7 @@ def test_bad_checkpoint_is_rejected_and_model_untouched(tmp_path, good_ckpt, bad
     monkeypatch.setattr(pickle, "load", no_unpickling)
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     with pytest.raises(ValueError, match=message):
-        ck.from_pretrained(model, d)
+        fastadalora.AdaLoraModel.from_pretrained(model, d)
     monkeypatch.undo()
     assert_same_snapshot(before, snapshot(model))
     assert not any(isinstance(m, AdaLoraLinear) for m in model.modules())
@@ -467,17 +467,17 @@ def test_wrong_base_model_is_rejected(good_ckpt):
     model = tiny_bert(seed=0, hidden=48)
     before = snapshot(model)
     with pytest.raises(ValueError, match="in_features=48"):
-        ck.from_pretrained(model, good_ckpt)
+        fastadalora.AdaLoraModel.from_pretrained(model, good_ckpt)
     assert_same_snapshot(before, snapshot(model))
 
 
 def test_good_checkpoint_still_loads(good_ckpt):
-    am = ck.from_pretrained(tiny_bert(seed=0), good_ckpt)
+    am = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), good_ckpt)
     assert len(am.adapter_layers()) == 4
 
 
 def test_missing_directory_or_files(tmp_path):
     with pytest.raises(FileNotFoundError):
-        ck.from_pretrained(tiny_bert(seed=0), tmp_path / "nope")
+        fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path / "nope")
     with pytest.raises(FileNotFoundError):
-        ck.from_pretrained(tiny_bert(seed=0), tmp_path)
+        fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path)

@@ -9,6 +9,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("transformers")
 
+import fastadalora  # noqa: E402
 from fastadalora import demo  # noqa: E402
 from fastadalora.__main__ import main as cli_main  # noqa: E402
 
@@ -39,9 +40,7 @@ def test_demo_adapter_loads_in_fastadalora_and_peft(demo_run):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     ids, _ = demo.make_task(demo.build_model("bert-tiny", 0), 8, seed=123)
 
-    from fastadalora import checkpoint
-
-    ours = checkpoint.from_pretrained(demo.build_model("bert-tiny", 0).model, adapter)
+    ours = fastadalora.AdaLoraModel.from_pretrained(demo.build_model("bert-tiny", 0).model, adapter)
     ours.eval()
     ranks = {p: layer.r for p, layer in ours.adapter_layers().items()}
     assert ranks == result["ranks"]

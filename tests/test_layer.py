@@ -75,7 +75,7 @@ def test_init_and_names_follow_peft():
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_E", "lora_B"}
     x = torch.randn(5, 16)
     torch.testing.assert_close(layer(x), base(x))
-    assert "r=4" in repr(layer) and "current_rank=0" in repr(layer)
+    assert "r=4" in repr(layer) and "init_r=4" in repr(layer) and layer.current_rank() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -154,7 +154,7 @@ def test_bad_input_errors_name_the_layer():
         layer(torch.randn(5, 16, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\.query.*is on meta.*cpu"):
         layer(torch.randn(5, 16, device="meta"))  # stands in for an input on another device
-    with pytest.raises(TypeError, match="must be torch.nn.Linear or transformers Conv1D"):
+    with pytest.raises(TypeError, match="must be torch.nn.Linear and transformers Conv1D"):
         AdaLoraLinear(nn.Embedding(4, 4), name="emb")
 
 

@@ -8,26 +8,14 @@ the same count on a masking step, on the final forced mask and in the fixed phas
 """
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastadalora import AdaLoraConfig, get_adalora_model
-from tiny_models import cls_batch, tiny_bert
+from support import OpCounter, cls_batch, tiny_bert
 
 TARGETS = ["query", "key", "value", "dense"]
 # step 0: EMAs only; step 1: a budget mask; step 2 = total_step - tfinal: the forced final mask;
 # step 3: the fixed phase (re-apply the pattern)
 SCHEDULE = dict(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=3)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _model(num_layers):
@@ -43,7 +31,7 @@ def _allocate_counts(num_layers):
     for step in range(SCHEDULE["total_step"] + 1):
         model(**cls_batch(seed=step)).loss.backward()
         opt.step()
-        with CountOps() as mode:
+        with OpCounter() as mode:
             model.update_and_allocate(step)
         counts.append(len(mode.ops))
         opt.zero_grad()
@@ -61,7 +49,7 @@ def test_update_and_allocate_is_constant_in_layers():
 
 def _orth_count(num_layers):
     model = _model(num_layers)
-    with CountOps() as mode:
+    with OpCounter() as mode:
         model.orth_reg_loss().backward()
     return len(mode.ops), 2 * len(model.adapter_layers())
 
@@ -73,6 +61,6 @@ def test_orth_reg_loss_grows_at_most_one_op_per_tensor():
 
 
 def test_counter_sees_ops():
-    with CountOps() as mode:
+    with OpCounter() as mode:
         torch.ones(3).add_(1)
     assert mode.ops and all("view" not in op for op in mode.ops)

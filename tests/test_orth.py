@@ -5,7 +5,7 @@ import torch
 
 from fastadalora import reference
 from fastadalora.orth import orth_reg_loss
-from op_counter import OpCounter
+from support import OpCounter
 
 # (r, in, out): a square-ish adapter whose A and Bᵀ share a shape, two odd ones
 WIDTHS = [(4, 9, 9), (3, 5, 7), (4, 6, 2)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastadalora import AdaLoraConfig, get_adalora_model
-from tiny_models import batches, tiny_bert, tiny_gpt2_cls
+from support import batches, tiny_bert, tiny_gpt2_cls
 
 SCHEDULE = dict(init_r=6, target_r=3, tinit=2, tfinal=3, deltaT=2, total_step=12, lora_alpha=8, beta1=0.85,
                 beta2=0.85, orth_reg_weight=0.5)

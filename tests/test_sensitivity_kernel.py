@@ -10,101 +10,83 @@ import pytest
 import torch
 
 from fastadalora import reference
+from fastadalora.flat_layout import FlatLayout
 from fastadalora.kernels import sensitivity as K
 
 # (r, in, out): odd sizes, a row and a column longer than one BLOCK, a rank-1 layer
 SHAPES = [(5, 61, 45), (3, 33, 17), (2, 257, 3), (1, 7, 300)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BETA1, BETA2 = 0.85, 0.9
 
 
-def _flat_problem(shapes, dtype):
-    As = [torch.randn(r, i) for r, i, _ in shapes]
-    Bs = [torch.randn(o, r) for r, _, o in shapes]
-    Es = [torch.randn(r, 1) for r, _, _ in shapes]
-    params = As + Bs + Es  # the kernel's [A… | B… | E…] layout
-    p = torch.cat([t.reshape(-1) for t in params]).to(dtype)
-    g = torch.randn(p.numel()).to(dtype)
-    ipt = torch.rand(p.numel()).to(dtype)
-    unc = torch.rand(p.numel()).to(dtype)
-    return p, g, ipt, unc
+def _flat_problem(shapes):
+    """p, g and the EMAs as flat fp32 buffers in ``FlatLayout``'s ``[A… | B… | E…]`` layout."""
+    layout = FlatLayout(shapes)
+    return layout, torch.randn(layout.n), torch.randn(layout.n), torch.rand(layout.n), torch.rand(layout.n)
 
 
-def _reference_triplets(s, shapes):
-    """``reference.triplet_scores`` per layer over a flat element-score vector, concatenated."""
-    n_a = sum(r * i for r, i, _ in shapes)
-    n_b = sum(r * o for r, _, o in shapes)
-    s_a = s[:n_a].split([r * i for r, i, _ in shapes])
-    s_b = s[n_a:n_a + n_b].split([r * o for r, _, o in shapes])
-    s_e = s[n_a + n_b:].split([r for r, _, _ in shapes])
-    return torch.cat([reference.triplet_scores(a.view(r, i), e.view(r, 1), b.view(o, r))
-                      for a, b, e, (r, i, o) in zip(s_a, s_b, s_e, shapes)])
+def _reference_triplets(s, layout):
+    """``reference.triplet_scores`` per layer over a flat element-score vector, in the layout's triplet order."""
+    views = layout.views(s)
+    L = len(layout)
+    return torch.cat([reference.triplet_scores(views[k], views[2 * L + k], views[L + k]) for k in range(L)])
 
 
 def _rel_err(got, want):
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_update_matches_reference(dtype):
-    p, g, ipt, unc = _flat_problem(SHAPES, dtype)
+def test_update_matches_reference():
+    layout, p, g, ipt, unc = _flat_problem(SHAPES)
     ref_ipt, ref_unc, ref_s = reference.sensitivity_update(p.double(), g.double(), ipt.double(), unc.double(),
                                                            BETA1, BETA2)
-    ref_S = _reference_triplets(ref_s, SHAPES)
-    s = torch.empty(p.numel(), dtype=torch.float32)
-    S = K.sensitivity_scores(p, g, ipt, unc, K.triplet_table(SHAPES), BETA1, BETA2, element_scores=s)
-
-    tol = reference.fp_tolerance(dtype, max(max(i, o) for _, i, o in SHAPES))
-    assert ipt.dtype == unc.dtype == dtype and S.dtype == torch.float32
-    assert S.shape == (sum(r for r, _, _ in SHAPES),)
-    assert _rel_err(ipt, ref_ipt) <= tol
-    assert _rel_err(unc, ref_unc) <= tol
-    assert _rel_err(s, ref_s) <= 2 * tol
-    assert _rel_err(S, ref_S) <= 2 * tol
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scores_only_reads_state(dtype):
-    _, _, ipt, unc = _flat_problem(SHAPES, dtype)
+    ipt_new, unc_new = torch.empty_like(ipt), torch.empty_like(unc)
     ipt0, unc0 = ipt.clone(), unc.clone()
-    s = torch.empty(ipt.numel(), dtype=torch.float32)
-    S = K.sensitivity_scores(None, None, ipt, unc, K.triplet_table(SHAPES), BETA1, BETA2, update=False,
-                             element_scores=s)
-    assert torch.equal(ipt, ipt0) and torch.equal(unc, unc0)  # state untouched
-    ref_s = ipt.double() * unc.double()
+    S = K.sensitivity_scores(p, g, ipt, unc, K.table_tensor(layout.triplet_table()), BETA1, BETA2,
+                             ipt_out=ipt_new, unc_out=unc_new)
     tol = reference.fp_tolerance(torch.float32, max(max(i, o) for _, i, o in SHAPES))
-    assert _rel_err(s, ref_s) <= tol
-    assert _rel_err(S, _reference_triplets(ref_s, SHAPES)) <= tol
+    assert torch.equal(ipt, ipt0) and torch.equal(unc, unc0)  # the old state is kept: the new one is elsewhere
+    assert S.dtype == torch.float32 and S.shape == (layout.n_triplets,)
+    assert _rel_err(ipt_new, ref_ipt) <= tol
+    assert _rel_err(unc_new, ref_unc) <= tol
+    assert _rel_err(S, _reference_triplets(ref_s, layout)) <= 2 * tol
+
+
+def test_scores_only_reads_state():
+    layout, _, _, ipt, unc = _flat_problem(SHAPES)
+    ipt0, unc0 = ipt.clone(), unc.clone()
+    S = K.sensitivity_scores(None, None, ipt, unc, K.table_tensor(layout.triplet_table()), BETA1, BETA2)
+    assert torch.equal(ipt, ipt0) and torch.equal(unc, unc0)  # state untouched
+    tol = reference.fp_tolerance(torch.float32, max(max(i, o) for _, i, o in SHAPES))
+    assert _rel_err(S, _reference_triplets(ipt.double() * unc.double(), layout)) <= tol
 
 
 def test_deterministic_and_touches_every_element():
-    p, g, ipt, unc = _flat_problem(SHAPES, torch.float32)
-    table = K.triplet_table(SHAPES)
+    layout, p, g, ipt, unc = _flat_problem(SHAPES)
+    table = K.table_tensor(layout.triplet_table())
     runs = []
     for _ in range(2):
-        i, u = ipt.clone(), unc.clone()
-        s = torch.full((p.numel(),), float("nan"))
-        S = K.sensitivity_scores(p, g, i, u, table, BETA1, BETA2, element_scores=s)
-        runs.append((i, u, s, S))
-    assert not torch.isnan(runs[0][2]).any()  # every element belongs to exactly one triplet
+        i, u = torch.full_like(ipt, float("nan")), torch.full_like(unc, float("nan"))
+        S = K.sensitivity_scores(p, g, ipt, unc, table, BETA1, BETA2, ipt_out=i, unc_out=u)
+        runs.append((i, u, S))
+    assert not torch.isnan(runs[0][0]).any()  # every element belongs to exactly one triplet
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_triplet_table_layout():
-    table = K.triplet_table([(2, 3, 4), (1, 5, 2)])
+    table = FlatLayout([(2, 3, 4), (1, 5, 2)]).triplet_table()
     # A: 6 + 5 = 11 elements, B: 8 + 2 = 10, E at 21..23
-    assert table.tolist() == [
+    assert [list(r) for r in table] == [
         [0, 3, 21, 11, 4, 2],
         [3, 3, 22, 12, 4, 2],
         [6, 5, 23, 19, 2, 1],
     ]
 
 
-def test_rejects_float64():
-    p, g, ipt, unc = _flat_problem(SHAPES[:1], torch.float64)
-    with pytest.raises(TypeError, match="unsupported dtype"):
-        K.sensitivity_scores(p, g, ipt, unc, K.triplet_table(SHAPES[:1]), BETA1, BETA2)
+def test_rejects_other_dtypes():
+    layout, p, g, ipt, unc = _flat_problem(SHAPES[:1])
+    with pytest.raises(TypeError, match="fp32"):
+        K.sensitivity_scores(p.double(), g, ipt, unc, K.table_tensor(layout.triplet_table()), BETA1, BETA2)
 
 
 _AOT_SCRIPT = r"""
@@ -116,7 +98,7 @@ for cc in (80, 90):
     for fn, sig, cx in K.aot_configs():
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx),
                            target=GPUTarget("cuda", cc, 32))
-        out.append({"cc": cc, "name": fn.__name__, "dtype": sig["p_ptr"], "cx": {a: str(b) for a, b in cx.items()},
+        out.append({"cc": cc, "name": fn.__name__, "cx": {a: str(b) for a, b in cx.items()},
                     "cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.shared})
 print(json.dumps(out))
 """

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from .. import reference
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, *, grad_sink=None):
-    # grad_sink is ignored: plain autograd returns fresh gradients (the allocator gathers them)
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
     keep = None
     if dropout_p > 0.0:
         keep = reference.dropout_keep_mask(x.shape, dropout_p, device=x.device)

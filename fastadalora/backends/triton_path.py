@@ -1,6 +1,6 @@
 """The Triton path: the fused adapter op as custom ops over ``fastadalora.kernels`` launchers.
 
-Same contract as every backend (see ``fastadalora.backends``).  Per forward::
+The maths for the shared autograd skeleton (``backends._autograd``).  Per forward::
 
     y = x·Wᵀ + b                       torch (cuBLAS), the base layer
     h, s = shrink(x, A, e, scale)      kernel: h = dropout(x)·Aᵀ (N×r fp32), s = h·e·scale
@@ -16,21 +16,21 @@ mask is regenerated from the seed in backward, never stored.  Backward::
     dB = grad_b(g, h, e, scale)                kernel: gᵀ·s
     dW = gᵀ·x, db = Σ g                        torch, only when required
 
-With a ``grad_sink`` (``fastadalora.flat_store.GradSink``, never while compiling) dA, dE and dB
-are copied into the slots it hands out (views of the allocator's flat gradient buffer).
-
 Each launcher is a ``torch.library.custom_op`` (namespace ``fastadalora``) with a fake
 implementation, so ``torch.compile`` traces the op without graph breaks.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 from ..kernels import adapter_backward as _bwd
 from ..kernels import adapter_forward as _fwd
-from . import base_layer_grads, draw_dropout_seed, save_adapter_context
+from ..kernels import dropout as _dropout
+from ._autograd import adapter_function
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -101,7 +101,7 @@ def _(g, h, e, scale):
     return g.new_empty((g.shape[1], h.shape[1]))
 
 
-# --------------------------------------------------------------------------- autograd
+# --------------------------------------------------------------------------- maths for the skeleton
 
 def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(e, m)``: ``e = E·mask`` and the mask itself (ones when None), contiguous fp32 (r,)."""
@@ -110,45 +110,40 @@ def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     return (e * m).contiguous(), m.contiguous()
 
 
-class AdapterLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, grad_sink=None):
-        seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-        A, B = A.contiguous(), B.contiguous()
-        e, _ = _rank_vectors(E, mask)
-        y = torch.nn.functional.linear(x, weight, bias).contiguous()
-        h, s = shrink(x, A, e, scale, seed, dropout_p)
-        expand_(y, s, B)
-        save_adapter_context(ctx, (x, h, weight, A, E, B, mask), bias, seed, scale, dropout_p, grad_sink)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, h, weight, A, E, B, mask = ctx.saved_tensors
-        seed, scale, p = ctx.seed, ctx.scale, ctx.dropout_p
-        need_x, _, _, need_A, need_E, need_B = ctx.needs_input_grad[:6]
-        e, m = _rank_vectors(E, mask)
-        dx = dA = dE = dB = None
-        sink = ctx.grad_sink
-        oA, oE, oB = (None, None, None) if sink is None else sink.claim(ctx, (need_A, need_E, need_B))
-        if need_x or need_A or need_E:
-            dh, dE_full = grad_s(g, B, h, e, m, scale)
-            if need_x:
-                dx = torch.mm(g, weight).contiguous()
-                grad_x_(dx, dh, A, seed, p)
-            if need_A:
-                dA = grad_a(dh, x, seed, p)
-                if oA is not None:
-                    dA = oA.copy_(dA)
-            if need_E:
-                dE = dE_full.to(E.dtype).view_as(E) if oE is None else oE.copy_(dE_full.view_as(E))
-        if need_B:
-            dB = grad_b(g, h, e, scale)
-            if oB is not None:
-                dB = oB.copy_(dB)
-        dW, db = base_layer_grads(ctx, g, x)
-        return dx, dW, db, dA, dE, dB, None, None, None, None
+def keep_mask(x: Tensor, seed: int, p: float) -> Tensor:
+    return _dropout.dropout_keep_mask(seed, x.shape, p, device=x.device)
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, *, grad_sink=None):
-    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p), grad_sink)
+def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float):
+    A, B = A.contiguous(), B.contiguous()
+    e, _ = _rank_vectors(E, mask)
+    y = torch.nn.functional.linear(x, weight, bias).contiguous()
+    h, s = shrink(x, A, e, scale, seed, p)
+    expand_(y, s, B)
+    return y, h
+
+
+def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs):
+    need_x, need_A, need_E, need_B = needs
+    A, B = A.contiguous(), B.contiguous()
+    e, m = _rank_vectors(E, mask)
+    dx = dA = dE = dB = None
+    if need_x or need_A or need_E:
+        dh, dE_full = grad_s(g, B, h, e, m, scale)
+        if need_x:
+            dx = torch.mm(g, weight).contiguous()
+            grad_x_(dx, dh, A, seed, p)
+        if need_A:
+            dA = grad_a(dh, x, seed, p)
+        if need_E:
+            dE = dE_full.to(E.dtype).view_as(E)
+    if need_B:
+        dB = grad_b(g, h, e, scale)
+    return dx, dA, dE, dB
+
+
+AdapterLinearFunction = adapter_function(sys.modules[__name__], "Triton")  # this module is the ops
+
+
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
+    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p))

@@ -1,13 +1,15 @@
-"""Tiny transformers models built from config (no downloads), shared by the test files.
+"""Test support shared by every test file: tiny models, batches, a training loop, one op counter.
 
-Every model has dropout 0 and eager attention, so two copies given the same weights and
-inputs compute the same numbers.  Widths: hidden 32, 2 heads, intermediate 64, vocab 64.
-Keep these signatures stable: several test files use them.
+Tiny transformers models are built from config (no downloads).  Every model has dropout 0 and
+eager attention, so two copies given the same weights and inputs compute the same numbers.
+Widths: hidden 32, 2 heads, intermediate 64, vocab 64.  Keep these signatures stable: several
+test files use them.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HIDDEN = 32
 VOCAB = 64
@@ -82,3 +84,35 @@ def batches(n: int, kind: str = "cls", seed: int = 0, **kwargs) -> list[dict]:
     """``n`` different batches (seeds ``seed``, ``seed+1``, ...)."""
     make = cls_batch if kind == "cls" else lm_batch
     return [make(seed=seed + i, **kwargs) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- training loop
+def train(model, batch_list, allocate=None, lr: float = 0.05, optimizer: str = "adamw", start: int = 0):
+    """A plain loop: forward (``.loss``), backward, step, ``allocate(step)``, ``zero_grad``; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
+    losses = []
+    model.train()
+    for step, batch in enumerate(batch_list, start=start):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        if allocate is not None:
+            allocate(step)
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# --------------------------------------------------------------------------- op counter
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as c: ...`` leaves the names of the dispatched non-view aten ops in ``c.ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -1,0 +1,122 @@
+"""Loading, step one: read a checkpoint and validate it against a base model without touching it.
+
+``plan_load`` returns a ``CheckpointPlan``: the config to build the adapters with, and per layer
+the triplets to keep and the tensors to copy in.  ``AdaLoraModel.from_pretrained`` applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import targeting
+from .files import read_adapter_config, read_adapter_weights
+from .peft_format import (CONFIG_NAME, LORA, PREFIX, WEIGHTS_NAME, CheckpointError, config_from_dict,
+                          normalise_rank_pattern, split_keys)
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    path: str
+    keep: list[bool] | None  # over init_r; None: all kept
+    tensors: dict[str, torch.Tensor]  # lora_A, lora_E, lora_B, shaped for the kept rank
+
+
+@dataclasses.dataclass
+class CheckpointPlan:
+    config: object  # AdaLoraConfig
+    layers: list[LayerPlan]
+    head_tensors: dict[tuple[str, str], torch.Tensor]  # (module path, tensor name) -> tensor
+
+
+def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_types: tuple = ()) -> CheckpointPlan:
+    """Read ``pretrained_path`` and check every key and shape against ``model``; change nothing.
+
+    Raises ``CheckpointError`` (a ``ValueError``) naming the file and the problem, or
+    ``FileNotFoundError``.  ``adapter_types``: layer classes whose presence means "already adapted".
+    """
+    directory = Path(pretrained_path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"from_pretrained: {directory} is not a directory (only local adapters load)")
+    config_file, weights_file = str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME)
+    if adapter_types and any(isinstance(m, adapter_types) for m in model.modules()):
+        raise CheckpointError("from_pretrained: the model already holds AdaLoRA adapters; pass a fresh base model")
+    raw = read_adapter_config(directory)
+    module_names = [n for n, _ in model.named_modules() if n]
+    config = config_from_dict(raw, config_file, module_names)
+    rank_pattern = normalise_rank_pattern(raw.get("rank_pattern"), config_file)
+    tensors = read_adapter_weights(directory)
+    lora, other = split_keys(tensors, weights_file)
+
+    modules = dict(model.named_modules())
+    try:
+        targeted = {path for path, _ in targeting.find_targets(model, config, adapter_types)}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: the adapter config does not fit the model: {exc}") from exc
+    unknown = sorted(p for p in lora if p not in modules)
+    if unknown:
+        raise CheckpointError(f"{weights_file}: adapters for modules the model does not have: {unknown}")
+    not_targeted = sorted(p for p in lora if p not in targeted)
+    if not_targeted:
+        raise CheckpointError(
+            f"{weights_file}: adapters for modules that target_modules={config.target_modules!r} in {config_file} "
+            f"does not select: {not_targeted}")
+    missing = sorted(p for p in targeted if p not in lora)
+    if missing:
+        raise CheckpointError(f"{weights_file}: no adapter weights for targeted modules {missing}")
+    if rank_pattern is not None:
+        extra = sorted(p for p in rank_pattern if p not in lora)
+        if extra:
+            raise CheckpointError(f"{config_file}: rank_pattern names modules without adapter weights: {extra}")
+
+    init_r = config.init_r
+    layers = []
+    for path in sorted(lora):
+        parts = lora[path]
+        absent = [n for n in LORA if n not in parts]
+        if absent:
+            raise CheckpointError(f"{weights_file}: module {path!r} lacks {absent}")
+        in_f, out_f = targeting.features(modules[path])
+        keep = rank_pattern.get(path) if rank_pattern is not None else None
+        if keep is not None and len(keep) != init_r:
+            raise CheckpointError(
+                f"{config_file}: rank_pattern['{path}.lora_E'] has {len(keep)} entries, init_r is {init_r}")
+        r = sum(keep) if keep is not None else init_r
+        expect = {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
+        for name in LORA:
+            t = parts[name]
+            if tuple(t.shape) != expect[name]:
+                why = f"rank_pattern keeps {r} of init_r={init_r}" if keep is not None else f"init_r={init_r}"
+                raise CheckpointError(
+                    f"{weights_file}: {PREFIX}{path}.{name} has shape {tuple(t.shape)}, expected {expect[name]} "
+                    f"(module {path}: in_features={in_f}, out_features={out_f}; {why})")
+            if not t.dtype.is_floating_point:
+                raise CheckpointError(f"{weights_file}: {PREFIX}{path}.{name} has dtype {t.dtype}, not floating")
+        layers.append(LayerPlan(path, keep, dict(parts)))
+
+    heads = targeting.find_heads(model, config.head_modules())
+    head_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for rel, t in other.items():
+        owner = next((p for p in heads if rel.startswith(p + ".")), None)
+        if owner is None:
+            raise CheckpointError(
+                f"{weights_file}: unexpected key {PREFIX}{rel}: neither an adapter tensor nor a tensor of "
+                f"modules_to_save={list(config.head_modules())}")
+        sd = heads[owner].state_dict()
+        name = rel[len(owner) + 1:]
+        if name not in sd:
+            raise CheckpointError(f"{weights_file}: {PREFIX}{rel}: module {owner!r} has no tensor {name!r}")
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{weights_file}: {PREFIX}{rel} has shape {tuple(t.shape)}, the model's is "
+                                  f"{tuple(sd[name].shape)}")
+        head_tensors[(owner, name)] = t
+    for owner, module in heads.items():
+        absent = [n for n in module.state_dict() if (owner, n) not in head_tensors]
+        if absent:
+            raise CheckpointError(f"{weights_file}: no weights for {absent} of module {owner!r}, which "
+                                  f"modules_to_save={list(config.head_modules())} in {config_file} names")
+    return CheckpointPlan(config, layers, head_tensors)

@@ -1,0 +1,160 @@
+"""``AdapterLayer``: what every AdaLoRA layer shares, whatever its base layer.
+
+Public names follow PEFT's ``SVDLinear`` (``base_layer``, ``lora_A``, ``lora_E``, ``lora_B``,
+``scaling``, ``ranknum``), so state dicts, optimizers and the allocator find tensors by the names
+PEFT users already know.  The three adapter tensors are ordinary, separate ``nn.Parameter``s.
+``ranknum`` is a plain float fixed at the initial rank, never a Parameter.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .. import peft_math
+
+
+class AdapterLayer(nn.Module):
+    """The SVD-form adapter ``P·diag(Λ)·Q`` over a frozen base layer (subclasses supply the forward).
+
+    Args:
+        base_layer: the frozen base module (its parameters are frozen here).
+        in_features, out_features: the adapter's ``lora_A`` is (r, in), ``lora_B`` is (out, r).
+        r: initial rank.  ``ranknum`` stays at this value when triplets are pruned or the layer is
+            resized to a saved rank, as in PEFT.
+        lora_alpha: ``scaling = lora_alpha`` (not alpha/r), or r when ``lora_alpha <= 0``.
+        lora_dropout: dropout probability on the adapter branch's input (train mode only).
+        init_lora_weights: PEFT's init (E=0, A,B ~ N(0, 0.02)); False keeps ``randn``.
+        name: the module's path in its model, used in error messages.
+        adapter_dtype: dtype of the adapter Parameters (None: the base weight's floating dtype).
+    """
+
+    fan_in_fan_out = False  # the base weight is stored (in, out) (transformers Conv1D)
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, lora_alpha: float,
+                 lora_dropout: float, init_lora_weights: bool, name: str | None,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{type(self).__name__}({name or ''}): r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}({name or ''}): lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)  # the base is frozen: weight and bias
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.init_r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = peft_math.scaling_of(r, lora_alpha)
+        self.ranknum = float(r)
+        self.lora_dropout = float(lora_dropout)
+        self.name = name or ""
+        self.merged = False
+        self.disable_adapters = False
+        # which of the init_r triplets the layer holds (all, until resize_rank drops some)
+        self.held_positions: list[int] = list(range(r))
+
+        # PEFT draws randn for A, E, B and ranknum before re-initialising; drawing the same
+        # sequence keeps the RNG stream, and so the initial weights, identical to PEFT's.
+        A = torch.randn(r, self.in_features)
+        E = torch.randn(r, 1)
+        B = torch.randn(self.out_features, r)
+        torch.randn(1)  # PEFT's ranknum Parameter
+        if init_lora_weights:
+            peft_math.init_adapter_(A, E, B)
+        weight = self.base_weight_param()
+        if adapter_dtype is None:
+            adapter_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(A.to(device=weight.device, dtype=adapter_dtype))
+        self.lora_E = nn.Parameter(E.to(device=weight.device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(B.to(device=weight.device, dtype=adapter_dtype))
+
+    # ------------------------------------------------------------------ the base layer
+    def base_weight_param(self) -> torch.Tensor:
+        """The base layer's weight Parameter, as stored."""
+        return self.base_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def where(self) -> str:
+        """The layer as error messages name it."""
+        return f"{type(self).__name__}({self.name})" if self.name else type(self).__name__
+
+    # ------------------------------------------------------------------ the adapter
+    @property
+    def r(self) -> int:
+        """The number of triplets held now (``init_r``, or fewer after ``resize_rank``)."""
+        return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """The one factor the fused paths multiply by: ``scaling / (ranknum + 1e-5)``."""
+        return peft_math.adapter_scale(self.scaling, self.ranknum)
+
+    def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_E, lora_B)``, read straight from the Parameter dict (the allocator's hot path)."""
+        params = self._parameters
+        return params["lora_A"], params["lora_E"], params["lora_B"]
+
+    def current_rank(self) -> int:
+        """Triplets whose singular value is not masked to zero (reads E: a host sync)."""
+        return int(torch.count_nonzero(self.lora_E.detach()))
+
+    def resize_rank(self, keep) -> None:
+        """Keep only the triplets where ``keep`` is True (PEFT's resize at load); ranknum is unchanged."""
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_A.device).reshape(-1)
+        if keep.numel() != self.r:
+            raise ValueError(f"{self.where}: keep mask has {keep.numel()} entries, layer has r={self.r}")
+        flags = keep.tolist()
+        with torch.no_grad():
+            for pname, sliced in (("lora_A", self.lora_A[keep]), ("lora_E", self.lora_E[keep]),
+                                  ("lora_B", self.lora_B[:, keep])):
+                old = getattr(self, pname)
+                setattr(self, pname, nn.Parameter(sliced.clone(), requires_grad=old.requires_grad))
+        self.held_positions = [pos for pos, k in zip(self.held_positions, flags) if k]
+
+    def load_adapter_(self, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy saved tensors (shapes already checked) into the adapter Parameters."""
+        with torch.no_grad():
+            for p, t in zip(self.adapter_params(), (A, E, B)):
+                p.copy_(t.reshape(p.shape))
+
+    # ------------------------------------------------------------------ merge
+    def get_delta_weight(self) -> torch.Tensor:
+        """``ΔW`` in the base weight's layout (subclasses)."""
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weight for zero-latency inference."""
+        if self.merged:
+            warnings.warn(f"{self.where} is already merged; nothing to do")
+            return
+        weight = self.base_weight_param()
+        with torch.no_grad():
+            merged = weight + self.get_delta_weight().to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"{self.where}: NaN/inf in the merged weight; adapter is broken")
+            weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn(f"{self.where} is not merged; nothing to do")
+            return
+        weight = self.base_weight_param()
+        with torch.no_grad():
+            weight.sub_(self.get_delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        # no current_rank here: it reads E (a host sync per layer, and impossible on meta)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"init_r={self.init_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}")

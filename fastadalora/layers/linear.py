@@ -1,0 +1,86 @@
+"""``AdaLoraLinear``: a drop-in AdaLoRA wrapper for ``nn.Linear`` and transformers' ``Conv1D``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .. import peft_math, targeting
+from ..functional import adalora_linear
+from .base import AdapterLayer
+
+
+class AdaLoraLinear(AdapterLayer):
+    """``y = base(x) + (dropout(x)·(A⊙E)ᵀ·Bᵀ)·scaling/(ranknum+1e-5)`` (PEFT's ``SVDLinear``).
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (or ``Conv1D`` with ``fan_in_fan_out=True``).
+        r, lora_alpha, lora_dropout, init_lora_weights, name, adapter_dtype: see ``AdapterLayer``.
+        fan_in_fan_out: True for ``Conv1D``, whose weight is stored (in, out).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 12, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 fan_in_fan_out: bool = False, init_lora_weights: bool = True, name: str | None = None,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        if not targeting.is_adaptable(base_layer):
+            raise TypeError(
+                f"AdaLoraLinear({name or ''}): base layer must be {targeting.SUPPORTED_TYPES_TEXT}, "
+                f"got {type(base_layer).__name__}"
+            )
+        conv1d = targeting.is_conv1d(base_layer)
+        if fan_in_fan_out != conv1d:
+            warnings.warn(f"fan_in_fan_out={fan_in_fan_out} but the base layer is {type(base_layer).__name__}; "
+                          f"setting fan_in_fan_out={conv1d}")
+        in_features, out_features = targeting.features(base_layer)
+        super().__init__(base_layer, in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights,
+                         name, adapter_dtype)
+        self.fan_in_fan_out = conv1d
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        where = self.where
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{where}: expected input of shape (..., {self.in_features}) (in_features={self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.device != self.lora_A.device:
+            raise RuntimeError(
+                f"{where}: input is on {x.device} but the adapter (lora_A/lora_E/lora_B) is on "
+                f"{self.lora_A.device}; move the input or call .to({x.device}) on the model"
+            )
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{where}: input dtype {x.dtype} does not match the adapter dtype {self.lora_A.dtype}; "
+                f"cast the input to {self.lora_A.dtype} or use torch.autocast"
+            )
+        weight = self.base_layer.weight
+        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+            raise TypeError(
+                f"{where}: base weight is {weight.dtype} on {weight.device} but the adapter is "
+                f"{self.lora_A.dtype} on {self.lora_A.device}; move the whole AdaLoraLinear with .to()"
+            )
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in): a transposed view for Conv1D."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x)
+        self._check_input(x)
+        p = self.lora_dropout if self.training else 0.0
+        return adalora_linear(x, self._base_weight(), self.base_layer.bias, self.lora_A, self.lora_E, self.lora_B,
+                              self.scale, None, p)
+
+    # ------------------------------------------------------------------ merge
+    def get_delta_weight(self) -> torch.Tensor:
+        """``B·(A⊙E)·scaling/(ranknum+1e-5)`` in the base weight's layout."""
+        return peft_math.delta_weight(self.lora_A, self.lora_E, self.lora_B, self.scaling, self.ranknum,
+                                      self.fan_in_fan_out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fan_in_fan_out={self.fan_in_fan_out}"
