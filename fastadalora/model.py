@@ -80,10 +80,12 @@ class AdaLoraModel(nn.Module):
     Unknown attributes are looked up on ``model`` (``.config``, ``.generate``, ...), as PEFT does.
     """
 
-    def __init__(self, model: nn.Module, config: AdaLoraConfig) -> None:
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         if not isinstance(config, AdaLoraConfig):
             raise TypeError(f"config must be a fastadalora.AdaLoraConfig, got {type(config).__name__}")
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise ValueError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
         config = copy.deepcopy(config)
         # every check first: the model is untouched if any fails
         targets = targeting.find_targets(model, config, (AdapterLayer,))
@@ -107,7 +109,7 @@ class AdaLoraModel(nn.Module):
                 layers[path] = AdaLoraLinear(
                     module, r=config.init_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                     fan_in_fan_out=targeting.is_conv1d(module), init_lora_weights=config.init_lora_weights,
-                    name=path,
+                    name=path, adapter_dtype=adapter_dtype(module.weight.dtype, autocast_adapter_dtype),
                 )
             from .allocator import RankAllocator
 
@@ -272,7 +274,8 @@ class AdaLoraModel(nn.Module):
         checkpoint.write_checkpoint(save_directory, tensors, config)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, pretrained_path, is_trainable: bool = False) -> "AdaLoraModel":
+    def from_pretrained(cls, model: nn.Module, pretrained_path, is_trainable: bool = False,
+                        autocast_adapter_dtype: bool = True) -> "AdaLoraModel":
         """Load an AdaLoRA adapter saved by PEFT 0.21 or by ``save_pretrained`` onto ``model``.
 
         Adapters are injected at ``init_r``, each resized to its saved rank (``ranknum`` stays
@@ -283,7 +286,7 @@ class AdaLoraModel(nn.Module):
         unchanged, as PEFT) and training continues with the budget computed from the loaded ranks.
         """
         plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,))
-        adalora = cls(model, plan.config)
+        adalora = cls(model, plan.config, autocast_adapter_dtype=autocast_adapter_dtype)
         adalora._apply_checkpoint(plan)
         if not is_trainable:
             adalora.requires_grad_(False)
@@ -328,6 +331,19 @@ class AdaLoraModel(nn.Module):
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
-    """Adapt ``model`` in place and return the ``AdaLoraModel`` that wraps it (PEFT's ``get_peft_model``)."""
-    return AdaLoraModel(model, config)
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True) -> AdaLoraModel:
+    """Adapt ``model`` in place and return the ``AdaLoraModel`` that wraps it (PEFT's ``get_peft_model``).
+
+    ``autocast_adapter_dtype=True`` (PEFT's default) makes the adapters fp32 on a bf16/fp16 base;
+    ``False`` keeps the base dtype.  fp32 and fp64 bases are unchanged either way.
+    """
+    return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """PEFT's rule: fp32 adapters on a half-precision base when ``autocast_adapter_dtype``, else the base dtype."""
+    if not base_dtype.is_floating_point:
+        return torch.float32
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype

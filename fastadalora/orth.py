@@ -2,7 +2,9 @@
 
 ``R = mean over every A and B of ‖G − I‖_F`` with ``G = A·Aᵀ`` for A and ``G = Bᵀ·B`` for B
 (PEFT's ``AdaLoraModel.forward``; twin: ``reference.orth_reg``).  The norm is not squared and
-masked triplets are included.
+masked triplets are included.  It is computed in fp32 (fp64 for fp64 parameters), also for
+fp16/bf16 parameters and under ``torch.autocast``; the loss is fp32 and the gradients have the
+parameters' dtypes.
 
 The A matrices are grouped by shape, and so are the B matrices; each group is stacked (one copy)
 and handled with one ``bmm``, so the op count follows the number of distinct shapes, not the
@@ -41,15 +43,19 @@ class _OrthReg(torch.autograd.Function):
     def forward(ctx, plan, *mats):
         n = len(mats)
         norms, saved = [], []
-        for is_b, positions in plan:
-            X = torch.stack([mats[p] for p in positions])  # (g, r, in) for A, (g, out, r) for B
-            D = torch.bmm(X.transpose(1, 2), X) if is_b else torch.bmm(X, X.transpose(1, 2))  # BᵀB or AAᵀ
-            D.diagonal(dim1=1, dim2=2).sub_(1)  # G − I
-            norms.append(torch.linalg.vector_norm(D, dim=(1, 2)))
-            saved += [X, D]
-        norms = torch.cat(norms) if len(norms) > 1 else norms[0]
+        # fp32 (or wider) whatever the parameters' dtype or an enclosing autocast
+        with torch.autocast(mats[0].device.type, enabled=False):
+            for is_b, positions in plan:
+                X = torch.stack([mats[p] for p in positions])  # (g, r, in) for A, (g, out, r) for B
+                X = X.to(torch.promote_types(X.dtype, torch.float32))
+                D = torch.bmm(X.transpose(1, 2), X) if is_b else torch.bmm(X, X.transpose(1, 2))  # BᵀB or AAᵀ
+                D.diagonal(dim1=1, dim2=2).sub_(1)  # G − I
+                norms.append(torch.linalg.vector_norm(D, dim=(1, 2)))
+                saved += [X, D]
+            norms = torch.cat(norms) if len(norms) > 1 else norms[0]
         ctx.plan = plan
         ctx.n = n
+        ctx.dtypes = [mats[positions[0]].dtype for _, positions in plan]
         ctx.save_for_backward(norms, *saved)
         return norms.sum() / n
 
@@ -58,16 +64,17 @@ class _OrthReg(torch.autograd.Function):
     def backward(ctx, grad_out):
         norms, *saved = ctx.saved_tensors
         grads: list[torch.Tensor | None] = [None] * ctx.n
-        # 2(G−I)A/‖G−I‖ or 2B(G−I)/‖G−I‖, times grad/n; 0 where ‖G−I‖ = 0 (G = I exactly: a minimum)
-        coeff = torch.where(norms > 0, (2.0 / ctx.n) * grad_out / norms, 0.0)
-        first = 0
-        for gi, (is_b, positions) in enumerate(ctx.plan):
-            X, D = saved[2 * gi:2 * gi + 2]
-            gX = torch.bmm(X, D) if is_b else torch.bmm(D, X)
-            gX.mul_(coeff[first:first + len(positions)].to(gX.dtype).view(-1, 1, 1))
-            first += len(positions)
-            for p, g in zip(positions, gX.unbind(0)):
-                grads[p] = g
+        with torch.autocast(norms.device.type, enabled=False):
+            # 2(G−I)A/‖G−I‖ or 2B(G−I)/‖G−I‖, times grad/n; 0 where ‖G−I‖ = 0 (G = I exactly: a minimum)
+            coeff = torch.where(norms > 0, (2.0 / ctx.n) * grad_out.to(norms.dtype) / norms, 0.0)
+            first = 0
+            for gi, ((is_b, positions), dtype) in enumerate(zip(ctx.plan, ctx.dtypes)):
+                X, D = saved[2 * gi:2 * gi + 2]
+                gX = torch.bmm(X, D) if is_b else torch.bmm(D, X)
+                gX = gX.mul_(coeff[first:first + len(positions)].view(-1, 1, 1)).to(dtype)
+                first += len(positions)
+                for p, g in zip(positions, gX.unbind(0)):
+                    grads[p] = g
         return (None, *grads)
 
 

@@ -51,11 +51,12 @@ def adapter_linear(
     e = E.reshape(-1, 1)
     if mask is not None:
         e = e * mask.reshape(-1, 1).to(e.dtype)
-    xd = x
+    xd = x.to(A.dtype)  # PEFT casts the input to the adapter's dtype
     if keep is not None:
-        xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+        xd = xd * keep.to(xd.dtype) / (1.0 - dropout_p)
     branch = (xd @ (A * e).T @ B.T) * scaling
-    return result + (branch if ranknum is None else branch / (ranknum + RANKNUM_EPS))
+    branch = branch if ranknum is None else branch / (ranknum + RANKNUM_EPS)
+    return (result + branch).to(result.dtype)  # PEFT's in-place `result += ...`: one rounding to the base dtype
 
 
 def dropout_keep_mask(shape: Sequence[int], p: float, generator: torch.Generator | None = None,

@@ -67,7 +67,7 @@ def test_dropout_mask_same_in_forward_and_backward_and_reproducible():
     x, W, b, A, E, B, _ = _inputs()
     torch.manual_seed(7)
     seed = draw_dropout_seed()
-    keep = torch_path._dropout_scale(x.detach(), seed, p) != 0
+    keep = torch_path.keep_mask(x.detach(), seed, p)
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5  # 4 sigma
 

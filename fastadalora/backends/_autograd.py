@@ -2,14 +2,23 @@
 
 A backend hands ``adapter_function(ops)`` an object with three functions::
 
-    ops.forward(x, weight, bias, A, E, B, mask, scale, seed, p) -> (y, h)
-    ops.backward(g, x, h, weight, A, E, B, mask, scale, seed, p, needs) -> (dx, dA, dE, dB)
+    ops.forward(x, weight, bias, A, E, B, mask, scale, seed, p, cdt) -> (y, h)
+    ops.backward(g, x, h, weight, A, E, B, mask, scale, seed, p, needs, cdt) -> (dx, dA, dE, dB)
     ops.keep_mask(x, seed, p) -> bool tensor shaped like x
 
-``h = dropout(x)·Aᵀ`` (N×r) is the one intermediate saved for backward; the dropout keep-mask is
-regenerated from ``seed`` (drawn here, from torch's default generator) and never stored.
-``needs`` = (dx, dA, dE, dB) flags; a gradient not needed is returned as None.  The base layer's
-own gradients (normally frozen, so never computed) are the skeleton's:
+Precision contract (what PEFT's ``SVDLinear`` computes):
+
+* ``x``, ``weight``, ``bias`` share the base dtype; ``A``, ``E``, ``B`` have the adapter dtype
+  (fp32 on a bf16/fp16 base by default); ``cdt`` is the dtype of the adapter GEMMs' operands:
+  the adapter dtype, or the autocast dtype under ``torch.autocast``.  Accumulation is fp32 (or
+  wider).
+* ``y`` has the base dtype: the base output plus the adapter branch, added with one rounding.
+* ``h = dropout(x)·Aᵀ`` (N×r) is the one intermediate saved for backward, in ``cdt`` or wider.
+* ``dx`` has x's dtype; ``dA``, ``dE``, ``dB`` have the parameters' dtypes.
+
+The dropout keep-mask is regenerated from ``seed`` (drawn here, from torch's default generator)
+and never stored.  ``needs`` = (dx, dA, dE, dB) flags; a gradient not needed is None.  The base
+layer's own gradients (normally frozen, so never computed) are the skeleton's::
 
     dW = gᵀ·x,  db = Σ_n g
 
@@ -26,11 +35,11 @@ import torch.nn.functional as F
 from . import draw_dropout_seed
 
 
-def _forward(ops, ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float):
+def _forward(ops, ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, cdt: torch.dtype):
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    y, h = ops.forward(x, weight, bias, A, E, B, mask, scale, seed, dropout_p)
+    y, h = ops.forward(x, weight, bias, A, E, B, mask, scale, seed, dropout_p, cdt)
     ctx.save_for_backward(x, h, weight, A, E, B, mask)
-    ctx.ops, ctx.seed, ctx.scale, ctx.dropout_p, ctx.has_bias = ops, seed, scale, dropout_p, bias is not None
+    ctx.ops, ctx.seed, ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.cdt = ops, seed, scale, dropout_p, bias is not None, cdt
     return y
 
 
@@ -38,12 +47,12 @@ def _backward(ctx, g):
     x, h, weight, A, E, B, mask = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
     if torch.is_grad_enabled():  # backward(create_graph=True): a differentiable backward
-        return (*_grads_of_formula(ctx, g, x, weight, A, E, B, mask), None, None, None)
+        return (*_grads_of_formula(ctx, g, x, weight, A, E, B, mask), None, None, None, None)
     dx, dA, dE, dB = ctx.ops.backward(g, x, h, weight, A, E, B, mask, ctx.scale, ctx.seed, ctx.dropout_p,
-                                      (need_x, need_A, need_E, need_B))
+                                      (need_x, need_A, need_E, need_B), ctx.cdt)
     dW = torch.mm(g.t(), x) if need_w else None
     db = g.sum(0) if need_b and ctx.has_bias else None
-    return dx, dW, db, dA, dE, dB, None, None, None
+    return dx, dW, db, dA, dE, dB, None, None, None, None
 
 
 def _grads_of_formula(ctx, g, x, weight, A, E, B, mask):
@@ -52,12 +61,14 @@ def _grads_of_formula(ctx, g, x, weight, A, E, B, mask):
     saved = {0: x, 1: weight, 3: A, 4: E, 5: B}
     wanted = [i for i in saved if needs[i]]
     out = [None] * 6
+    cdt = ctx.cdt
     with torch.enable_grad():  # x, W, A, E, B keep their own history through saved_tensors
-        xd = x
+        xd = x.to(cdt)
         if ctx.dropout_p > 0.0:
-            xd = x * ctx.ops.keep_mask(x, ctx.seed, ctx.dropout_p).to(x.dtype) / (1.0 - ctx.dropout_p)
+            xd = xd * ctx.ops.keep_mask(x, ctx.seed, ctx.dropout_p).to(cdt) / (1.0 - ctx.dropout_p)
         e = E.reshape(-1) if mask is None else E.reshape(-1) * mask.to(E.dtype)
-        y = F.linear(x, weight) + ((xd @ A.t()) * e) @ B.t() * ctx.scale
+        branch = ((xd @ A.to(cdt).t()) * e.to(cdt)) @ B.to(cdt).t() * ctx.scale
+        y = F.linear(x, weight) + branch.to(x.dtype)
         grads = torch.autograd.grad(y, [saved[i] for i in wanted], g, create_graph=True, allow_unused=True) \
             if wanted else ()
         if needs[2] and ctx.has_bias:
@@ -70,13 +81,13 @@ def _grads_of_formula(ctx, g, x, weight, A, E, B, mask):
 def adapter_function(ops, name: str) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` running ``ops``' maths in the shared skeleton.
 
-    ``apply(x, weight, bias, A, E, B, mask, scale, dropout_p)``.
+    ``apply(x, weight, bias, A, E, B, mask, scale, dropout_p, cdt)``.
     """
 
     class AdapterLinearFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float):
-            return _forward(ops, ctx, x, weight, bias, A, E, B, mask, scale, dropout_p)
+        def forward(ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, cdt: torch.dtype):
+            return _forward(ops, ctx, x, weight, bias, A, E, B, mask, scale, dropout_p, cdt)
 
         @staticmethod
         def backward(ctx, g):

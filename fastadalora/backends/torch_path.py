@@ -1,12 +1,13 @@
 """The CPU fast path: the fused adapter op in plain torch GEMMs (maths for the shared skeleton).
 
-Per forward it runs one base GEMM and three skinny ones; the adapter's ``diag(E·mask)`` is folded
-into the N×r intermediate and ``scale`` into ``addmm_``'s ``alpha``, so nothing but the output
-itself is N×out::
+Per forward it runs one base GEMM and three skinny ones; the adapter's ``diag(E·mask)·scale`` is
+folded into the N×r intermediate, so when the base and adapter GEMMs share a dtype nothing but the
+output itself is N×out::
 
-    y = x·Wᵀ + b                    (addmm, the base layer)
-    h = dropout(x)·Aᵀ               (N×r, saved for backward)
-    y += (h·e)·Bᵀ · scale           (addmm_, in place)
+    y = x·Wᵀ + b                    (addmm, the base layer, base dtype)
+    h = dropout(x)·Aᵀ               (N×r in the compute dtype ``cdt``, saved for backward)
+    y += (h·e·scale)·Bᵀ             (addmm_ in place; with fp32 adapters on a bf16 base the product is
+                                     fp32 and added into y with one rounding, as PEFT's ``+=``)
 
 Backward (``e = E·mask``, ``gs = g·B``)::
 
@@ -25,15 +26,8 @@ import sys
 
 import torch
 
+from .. import dropout
 from ._autograd import adapter_function
-
-
-def _dropout_scale(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """keep/(1-p) as a tensor shaped like x, regenerated identically from ``seed``."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
-    return keep.mul_(1.0 / (1.0 - p))
 
 
 def _col_major(m: torch.Tensor) -> torch.Tensor:
@@ -55,50 +49,66 @@ def _mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.view(2, half, a.shape[1]).transpose(1, 2), b.view(2, half, b.shape[1])).sum(0)
 
 
-def _effective_e(E: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    e = E.reshape(-1)
-    return e if mask is None else e * mask.to(e.dtype)
+def _effective_e(E: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    e = E.reshape(-1) if mask is None else E.reshape(-1) * mask.to(E.dtype)
+    return e.to(dtype)
+
+
+def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out += a·b`` with one rounding into ``out``'s dtype (a fused ``addmm_`` when the dtypes agree)."""
+    if out.dtype == a.dtype:
+        return out.addmm_(a, b)
+    return out.add_(torch.mm(a, b))
 
 
 def keep_mask(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    return _dropout_scale(x, seed, p) != 0
+    return dropout.keep_mask(x.shape, seed, p, x.device)
 
 
-def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float):
+def _dropped(x: torch.Tensor, seed: int, p: float, cdt: torch.dtype) -> torch.Tensor:
+    """``dropout(x)`` in ``cdt`` (x read in its own dtype; a copy only when a cast or mask is needed)."""
+    xc = x if x.dtype == cdt else x.to(cdt)
+    return xc if p == 0.0 else xc * dropout.keep_scale(x.shape, seed, p, x.device, cdt)
+
+
+def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float, cdt: torch.dtype):
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-    xd = x if p == 0.0 else x * _dropout_scale(x, seed, p)
-    h = torch.mm(xd, A.t().contiguous())
-    y.addmm_(h * _effective_e(E, mask), B.t(), alpha=scale)
+    h = torch.mm(_dropped(x, seed, p, cdt), A.to(cdt).t().contiguous())
+    _add_product_(y, h * (_effective_e(E, mask, cdt) * scale), B.to(cdt).t())
     return y, h
 
 
-def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs):
+def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs, cdt: torch.dtype):
     need_x, need_A, need_E, need_B = needs
-    e = _effective_e(E, mask)
-    gs = torch.mm(g, _col_major(B))  # N×r: the gradient reaching the scaled intermediate, before E
+    e = _effective_e(E, mask, cdt)
+    gc = g if g.dtype == cdt else g.to(cdt)
+    gs = torch.mm(gc, _col_major(B.to(cdt)))  # N×r: the gradient reaching the scaled intermediate, before E
     dh = gs * (e * scale)
     dx = dA = dE = dB = None
-    kscale = _dropout_scale(x, seed, p) if (p > 0.0 and (need_x or need_A)) else None
+    kscale = dropout.keep_scale(x.shape, seed, p, x.device, cdt) if (p > 0.0 and (need_x or need_A)) else None
     if need_x:
         dx = torch.mm(g, weight)
         if kscale is None:
-            dx.addmm_(dh, A)
+            _add_product_(dx, dh, A.to(cdt))
         else:
-            dx.addcmul_(torch.mm(dh, A), kscale)
+            dx.addcmul_(torch.mm(dh, A.to(cdt)), kscale)
     if need_A:
-        dA = _mm_tn(dh, x if kscale is None else x * kscale)
+        xa = x if x.dtype == cdt else x.to(cdt)
+        dA = _mm_tn(dh, xa if kscale is None else xa * kscale).to(A.dtype)
     if need_E:
-        dE = (gs * h).sum(0).mul_(scale)
+        dE = (gs.float() * h.float()).sum(0).mul_(scale) if cdt in (torch.float16, torch.bfloat16) \
+            else (gs * h).sum(0).mul_(scale)
         if mask is not None:
             dE.mul_(mask.to(dE.dtype))
-        dE = dE.view_as(E)
+        dE = dE.to(E.dtype).view_as(E)
     if need_B:
-        dB = _mm_tn(h * e, g).mul_(scale).t()  # (sᵀ·g)ᵀ: 30% faster than gᵀ·s here
+        dB = _mm_tn(h * e, gc).mul_(scale).t().to(B.dtype)  # (sᵀ·g)ᵀ: 30% faster than gᵀ·s here
     return dx, dA, dE, dB
 
 
 AdapterLinearFunction = adapter_function(sys.modules[__name__], "Torch")  # this module is the ops
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
-    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p))
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, cdt=None):
+    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p),
+                                       A.dtype if cdt is None else cdt)

@@ -114,36 +114,46 @@ def keep_mask(x: Tensor, seed: int, p: float) -> Tensor:
     return _dropout.dropout_keep_mask(seed, x.shape, p, device=x.device)
 
 
-def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float):
-    A, B = A.contiguous(), B.contiguous()
+def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float, cdt: torch.dtype):
+    A, B = A.to(cdt).contiguous(), B.to(cdt).contiguous()
     e, _ = _rank_vectors(E, mask)
     y = torch.nn.functional.linear(x, weight, bias).contiguous()
-    h, s = shrink(x, A, e, scale, seed, p)
-    expand_(y, s, B)
+    h, s = shrink(x.to(cdt), A, e, scale, seed, p)
+    if y.dtype == cdt:
+        expand_(y, s, B)
+    else:
+        y.add_(torch.mm(s.to(cdt), B.t()))
     return y, h
 
 
-def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs):
+def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs, cdt: torch.dtype):
     need_x, need_A, need_E, need_B = needs
-    A, B = A.contiguous(), B.contiguous()
+    Ac, Bc = A.to(cdt).contiguous(), B.to(cdt).contiguous()
+    gc = g.to(cdt)
     e, m = _rank_vectors(E, mask)
     dx = dA = dE = dB = None
     if need_x or need_A or need_E:
-        dh, dE_full = grad_s(g, B, h, e, m, scale)
+        dh, dE_full = grad_s(gc, Bc, h, e, m, scale)
         if need_x:
             dx = torch.mm(g, weight).contiguous()
-            grad_x_(dx, dh, A, seed, p)
+            if dx.dtype == cdt:
+                grad_x_(dx, dh, Ac, seed, p)
+            else:
+                dxa = torch.zeros(dx.shape, dtype=cdt, device=dx.device)
+                grad_x_(dxa, dh, Ac, seed, p)
+                dx.add_(dxa)
         if need_A:
-            dA = grad_a(dh, x, seed, p)
+            dA = grad_a(dh, x.to(cdt), seed, p).to(A.dtype)
         if need_E:
             dE = dE_full.to(E.dtype).view_as(E)
     if need_B:
-        dB = grad_b(g, h, e, scale)
+        dB = grad_b(gc, h, e, scale).to(B.dtype)
     return dx, dA, dE, dB
 
 
 AdapterLinearFunction = adapter_function(sys.modules[__name__], "Triton")  # this module is the ops
 
 
-def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0):
-    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p))
+def adapter_linear(x, weight, bias, A, E, B, scale: float, mask=None, dropout_p: float = 0.0, cdt=None):
+    return AdapterLinearFunction.apply(x, weight, bias, A, E, B, mask, float(scale), float(dropout_p),
+                                       A.dtype if cdt is None else cdt)

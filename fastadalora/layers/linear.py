@@ -46,21 +46,16 @@ class AdaLoraLinear(AdapterLayer):
                 f"{where}: expected input of shape (..., {self.in_features}) (in_features={self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
-        if x.device != self.lora_A.device:
-            raise RuntimeError(
-                f"{where}: input is on {x.device} but the adapter (lora_A/lora_E/lora_B) is on "
-                f"{self.lora_A.device}; move the input or call .to({x.device}) on the model"
-            )
-        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"{where}: input dtype {x.dtype} does not match the adapter dtype {self.lora_A.dtype}; "
-                f"cast the input to {self.lora_A.dtype} or use torch.autocast"
-            )
         weight = self.base_layer.weight
-        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+        if x.device != self.lora_A.device or weight.device != self.lora_A.device:
+            raise RuntimeError(
+                f"{where}: input is on {x.device}, the base weight on {weight.device} and the adapter "
+                f"(lora_A/lora_E/lora_B) is on {self.lora_A.device}; move the input or call .to({x.device}) on the model"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
-                f"{where}: base weight is {weight.dtype} on {weight.device} but the adapter is "
-                f"{self.lora_A.dtype} on {self.lora_A.device}; move the whole AdaLoraLinear with .to()"
+                f"{where}: input dtype {x.dtype} does not match the base layer's dtype {weight.dtype} (the adapter is "
+                f"{self.lora_A.dtype}); cast the input to {weight.dtype} or use torch.autocast"
             )
 
     def _base_weight(self) -> torch.Tensor:
