@@ -107,7 +107,8 @@ class RankAllocator:
         self.named_layers = [(str(n), m) for n, m in named_layers]
         self.init_r = int(init_r)
         self.target_r = int(target_r)
-        self.tinit, self.tfinal, self.total_step, self.deltaT = int(tinit), int(tfinal), int(total_step), int(deltaT)
+        self.tinit, self.tfinal, self.deltaT = int(tinit), int(tfinal), int(deltaT)
+        self.total_step = None if total_step is None else int(total_step)  # None until the caller sets it
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.last_step: int | None = None
         self._warned_nonfinite = False
@@ -220,6 +221,9 @@ class RankAllocator:
                 f"RankAllocator.update_and_allocate: step {step} comes after step {self.last_step}; each optimizer "
                 "step must be allocated once, with increasing steps (is update_and_allocate called both by hand and "
                 "by AdaLoraCallback?). To start the schedule over, call allocator.reset().")
+        if self.total_step is None:
+            raise ValueError("RankAllocator.update_and_allocate: total_step is None; set it before the first step "
+                             "(AdaLoraModel.set_total_step, or AdaLoraConfig(total_step=...)).")
         switch = self.total_step - self.tfinal
         params = self._current_params()
         if not params:

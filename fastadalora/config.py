@@ -7,6 +7,9 @@ in the README's "Differences from PEFT".
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -43,7 +46,9 @@ class AdaLoraConfig:
         default=0.5, metadata={"help": "Coefficient of the orthogonal regularisation added to the loss (>= 0)."}
     )
     total_step: Optional[int] = field(
-        default=None, metadata={"help": "Total number of optimizer steps of the run (required, > 0)."}
+        default=None,
+        metadata={"help": "Total number of optimizer steps of the run (> 0). None only with AdaLoraCallback, which "
+                          "fills it from the Trainer's max_steps at train start."},
     )
     lora_alpha: float = field(
         default=8, metadata={"help": "Adapter scaling: the branch is multiplied by lora_alpha / (ranknum + 1e-5)."}
@@ -97,51 +102,56 @@ class AdaLoraConfig:
     peft_type: str = field(default="ADALORA", metadata={"help": "Always 'ADALORA' (accepted for PEFT parity)."})
 
     def __post_init__(self):
-        def _int(name):
+        def _int(name, lo):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"`{name}` must be an int, got {value!r}.")
+                raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r} ({type(value).__name__}).")
+            if value < lo:
+                raise ValueError(f"`{name}` must be an int >= {lo}, got {value}.")
             return value
 
-        if self.total_step is None or _int("total_step") <= 0:
-            raise ValueError(
-                f"AdaLoRA needs `total_step`, the number of optimizer steps of the run, as an int > 0; "
-                f"got {self.total_step!r}."
-            )
-        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
-            _int(name)
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"`tinit` and `tfinal` must be >= 0, got tinit={self.tinit}, tfinal={self.tfinal}.")
-        if self.tinit >= self.total_step - self.tfinal:
+        def _real(name, lo=None, hi=None, lo_open=False, hi_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite, got {value!r}.")
+            low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+            high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+            if low_bad or high_bad:
+                interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                            f"{'inf' if hi is None else hi}{')' if hi_open else ']'}")
+                raise ValueError(f"`{name}` must lie in {interval}, got {value}.")
+            return value
+
+        if self.total_step is not None:
+            _int("total_step", 1)
+        for name, lo in (("init_r", 1), ("target_r", 0), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
+            _int(name, lo)
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
                 "The schedule leaves no budgeting phase: need tinit < total_step - tfinal, got "
                 f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step}. "
                 "Decrease `tinit`/`tfinal` or increase `total_step`."
             )
-        if self.target_r < 0:
-            raise ValueError(f"`target_r` must be >= 0, got {self.target_r}.")
         if self.target_r >= self.init_r:
             raise ValueError(
                 f"`target_r` ({self.target_r}) must be smaller than `init_r` ({self.init_r}): AdaLoRA prunes from "
                 "init_r down to target_r (PEFT accepts this and then crashes in kthvalue)."
             )
-        if self.deltaT < 1:
-            raise ValueError(f"`deltaT` must be >= 1, got {self.deltaT}.")
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"`{name}` must lie strictly between 0 and 1, got {value}.")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"`orth_reg_weight` must be >= 0, got {self.orth_reg_weight}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`lora_dropout` must lie in [0, 1), got {self.lora_dropout}.")
+            _real(name, 0.0, 1.0, lo_open=True, hi_open=True)
+        _real("orth_reg_weight", 0.0)
+        _real("lora_alpha")
+        _real("lora_dropout", 0.0, 1.0, hi_open=True)
+        for name in ("fan_in_fan_out", "init_lora_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.bias != "none":
             raise ValueError(
                 f"`bias={self.bias!r}` is not supported: fastadalora trains no biases of adapted layers; use "
                 "bias='none' (the default), and list modules whose parameters should train in `modules_to_save`."
             )
-        if not isinstance(self.init_lora_weights, bool):
-            raise ValueError(f"`init_lora_weights` must be True or False, got {self.init_lora_weights!r}.")
         for name in ("target_modules", "exclude_modules"):
             _check_names(name, getattr(self, name), allow_regex=True)
         _check_names("modules_to_save", self.modules_to_save, allow_regex=False)
@@ -149,8 +159,19 @@ class AdaLoraConfig:
             "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"
         ):
             raise ValueError(f"Unknown `task_type` {self.task_type!r}.")
+        if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"`rank_pattern` must be None or a dict, got {type(self.rank_pattern).__name__}.")
         if _plain(self.peft_type) != "ADALORA":
             raise ValueError(f"`peft_type` must be 'ADALORA', got {self.peft_type!r}.")
+
+    def require_total_step(self) -> int:
+        """``total_step``, or a ``ValueError`` saying how to provide it."""
+        if self.total_step is None:
+            raise ValueError(
+                "AdaLoRA needs `total_step`, the number of optimizer steps of the run, and this config has "
+                "total_step=None: pass AdaLoraConfig(total_step=...) or train with transformers.Trainer and "
+                "fastadalora.AdaLoraCallback(), which fills it from the Trainer's max_steps at train start.")
+        return self.total_step
 
     def head_modules(self) -> tuple[str, ...]:
         """The modules kept trainable: ``modules_to_save`` plus the head PEFT adds for ``task_type``."""
@@ -170,9 +191,13 @@ def _check_names(name: str, value, allow_regex: bool) -> None:
     if value is None:
         return
     if isinstance(value, str):
-        if allow_regex:
-            return
-        raise ValueError(f"`{name}` must be a list of module names, got the string {value!r}.")
+        if not allow_regex:
+            raise ValueError(f"`{name}` must be a list of module names, got the string {value!r}.")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"`{name}` is not a valid regular expression: {value!r} ({exc}).") from None
+        return
     if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"`{name}` must be a list of module names{' or a regex string' if allow_regex else ''}, "
                          f"got {value!r}.")

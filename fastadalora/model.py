@@ -216,7 +216,17 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         if self.allocator is None:
             raise RuntimeError("The model has no adapters left (merge_and_unload was called).")
+        self.adalora_config.require_total_step()
         self.allocator.update_and_allocate(step)
+
+    def set_total_step(self, total_step: int) -> None:
+        """Set the schedule's length (``AdaLoraCallback`` does it from the Trainer's ``max_steps``).
+
+        The schedule is validated first (``ValueError``, nothing changed, when it leaves no budgeting phase).
+        """
+        config = dataclasses.replace(self.adalora_config, total_step=total_step)  # validates
+        self.adalora_config = config
+        self.allocator.total_step = config.total_step
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -237,6 +247,36 @@ class AdaLoraModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ state
+    def _frozen_base_keys(self, prefix: str = "") -> set[str]:
+        """``state_dict`` keys of the base model's frozen parameters (not adapters, heads or trainable ones)."""
+        keep = {id(p) for layer in self._adapters.values() for p in layer.adapter_params()}
+        keep |= {id(p) for head in self._heads.values() for p in head.parameters()}
+        return {f"{prefix}model.{name}" for name, p in self.model.named_parameters(remove_duplicate=False)
+                if id(p) not in keep and not p.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The trainable state: adapters, ``modules_to_save`` heads, any other trainable parameter,
+        the buffers, and the allocator state (``_extra_state``) — not the frozen base weights.
+
+        It is all an exact resume needs, it is adapter-sized, and it saves with safetensors also for
+        tied embeddings (as ``transformers.Trainer`` checkpoints do).  ``model.model.state_dict()``
+        is the whole base model.  ``load_state_dict`` accepts this dict or a full one.
+        """
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in self._frozen_base_keys(prefix):
+            sd.pop(key, None)
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` where the frozen base weights may be absent (see ``state_dict``)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = self._frozen_base_keys()
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                               f"unexpected keys {result.unexpected_keys}")
+        return type(result)(missing, result.unexpected_keys)
+
     def get_extra_state(self) -> torch.Tensor:
         """The allocator state, torch-serialised into a uint8 tensor (so state dicts stay tensor-only)."""
         payload = {"format": _EXTRA_STATE_FORMAT, "version": 1,

@@ -35,10 +35,26 @@ def test_accepts_peft_style_arguments():
     assert AdaLoraConfig(total_step=3, target_modules=r".*\.(query|value)").target_modules == r".*\.(query|value)"
 
 
-@pytest.mark.parametrize("total_step", [None, 0, -5])
-def test_total_step_required(total_step):
+@pytest.mark.parametrize("total_step", [0, -5, 2.5, "100"])
+def test_total_step_must_be_a_positive_int(total_step):
     with pytest.raises(ValueError, match="total_step"):
         AdaLoraConfig(total_step=total_step)
+
+
+def test_total_step_none_is_an_error_at_the_first_step_not_before():
+    """None is allowed so that AdaLoraCallback can fill it from the Trainer; a manual loop is told what is missing."""
+    import fastadalora
+    from support import tiny_bert
+
+    model = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"total_step.*AdaLoraCallback"):
+        model.update_and_allocate(0)
+    model.set_total_step(10)
+    assert model.adalora_config.total_step == 10 and model.allocator.total_step == 10
+    late = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(target_modules=["query"], tinit=5))
+    with pytest.raises(ValueError, match="no budgeting phase"):
+        late.set_total_step(5)
+    assert late.adalora_config.total_step is None
 
 
 @pytest.mark.parametrize("kwargs, match", [
