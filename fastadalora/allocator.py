@@ -275,6 +275,9 @@ class RankAllocator:
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
+            # a layer pruned to rank 0 (a checkpoint) has empty parameters that take no part in the loss
+            grads = [p if g is None and p.numel() == 0 else g for p, g in zip(params, grads)]
+        if any(g is None for g in grads):
             name, p = next((n, p) for n, p, g in zip(self._param_names, params, grads) if g is None)
             raise RuntimeError(
                 f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "

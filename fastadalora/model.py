@@ -163,6 +163,21 @@ class AdaLoraModel(nn.Module):
         """The user's model (PEFT's ``PeftModel.get_base_model``)."""
         return self.model
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' ``resize_token_embeddings``, refused when the output embedding carries an adapter.
+
+        transformers rebuilds the output layer as a plain ``nn.Linear``, which would drop the adapter
+        silently: resize before ``get_adalora_model`` (PEFT fails here too, with a ``KeyError``).
+        """
+        get_output = getattr(self.model, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else None
+        if isinstance(head, AdapterLayer):
+            raise ValueError(
+                f"resize_token_embeddings: the output embedding {head.name!r} has an AdaLoRA adapter, which resizing "
+                "would replace by a plain layer. Resize the base model's embeddings before get_adalora_model, or "
+                "exclude the output layer from target_modules.")
+        return self.model.resize_token_embeddings(*args, **kwargs)
+
     # ------------------------------------------------------------------ adapters
     def adapter_layers(self) -> dict[str, AdapterLayer]:
         """``{module path in .model: adapter layer}`` in ``named_modules`` order."""

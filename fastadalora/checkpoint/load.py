@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import targeting
 from .files import read_adapter_config, read_adapter_weights
-from .peft_format import (CONFIG_NAME, LORA, PREFIX, WEIGHTS_NAME, CheckpointError, config_from_dict,
+from .peft_format import (CONFIG_NAME, LORA, PREFIX, WEIGHTS_NAME, CheckpointError, CheckpointNotFoundError,
+                          config_from_dict,
                           normalise_rank_pattern, split_keys)
 
 
@@ -36,12 +37,12 @@ class CheckpointPlan:
 def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_types: tuple = ()) -> CheckpointPlan:
     """Read ``pretrained_path`` and check every key and shape against ``model``; change nothing.
 
-    Raises ``CheckpointError`` (a ``ValueError``) naming the file and the problem, or
-    ``FileNotFoundError``.  ``adapter_types``: layer classes whose presence means "already adapted".
+    Raises ``CheckpointError`` (a ``ValueError``; ``CheckpointNotFoundError``, also a
+    ``FileNotFoundError``, for a missing directory or file) naming the file and the problem.  ``adapter_types``: layer classes whose presence means "already adapted".
     """
     directory = Path(pretrained_path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"from_pretrained: {directory} is not a directory (only local adapters load)")
+        raise CheckpointNotFoundError(f"from_pretrained: {directory} is not a directory (only local adapters load)")
     config_file, weights_file = str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME)
     if adapter_types and any(isinstance(m, adapter_types) for m in model.modules()):
         raise CheckpointError("from_pretrained: the model already holds AdaLoRA adapters; pass a fresh base model")

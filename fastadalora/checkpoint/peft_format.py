@@ -38,6 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint directory or one of its files does not exist."""
+
+
 def _plain(value):
     """PEFT's ``TaskType``/``PeftType`` are str enums: compare and write by value."""
     return getattr(value, "value", value)

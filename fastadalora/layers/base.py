@@ -83,6 +83,14 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def __setattr__(self, name: str, value) -> None:
+        # `layer.weight = ...` / `layer.bias = ...` go to the base layer: transformers' tie_weights() assigns
+        # the input embedding to an (adapted) output layer's `.weight`
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            setattr(self._modules["base_layer"], name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def where(self) -> str:
         """The layer as error messages name it."""
