@@ -38,7 +38,7 @@ from torch import nn
 from . import checkpoint, targeting
 from .checkpoint import peft_format
 from .config import AdaLoraConfig
-from .layers import AdaLoraLinear, AdapterLayer
+from .layers import AdapterLayer, adapter_class
 from .orth import OrthRegularizer
 
 _EXTRA_STATE_FORMAT = "fastadalora.AdaLoraModel"
@@ -106,10 +106,10 @@ class AdaLoraModel(nn.Module):
         try:
             layers = {}
             for path, module in targets:
-                layers[path] = AdaLoraLinear(
+                layers[path] = adapter_class(targeting.layer_kind(module))(
                     module, r=config.init_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    fan_in_fan_out=targeting.is_conv1d(module), init_lora_weights=config.init_lora_weights,
-                    name=path, adapter_dtype=adapter_dtype(module.weight.dtype, autocast_adapter_dtype),
+                    init_lora_weights=config.init_lora_weights, name=path,
+                    adapter_dtype=adapter_dtype(_weight_dtype(module), autocast_adapter_dtype),
                 )
             from .allocator import RankAllocator
 
@@ -393,6 +393,12 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, autocast_adapter_
     ``False`` keeps the base dtype.  fp32 and fp64 bases are unchanged either way.
     """
     return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a base layer computes in (a quantized layer's compute dtype, not its storage dtype)."""
+    compute = getattr(module, "compute_dtype", None)  # bitsandbytes Linear4bit
+    return compute if isinstance(compute, torch.dtype) else module.weight.dtype
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:

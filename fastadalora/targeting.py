@@ -8,6 +8,7 @@ are its in/out features" lives here, once.  The model (injection), the checkpoin
 from __future__ import annotations
 
 import re
+import sys
 
 from torch import nn
 
@@ -86,21 +87,67 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def _bnb_kind(module: nn.Module) -> str | None:
+    """'linear4bit' / 'linear8bit' for bitsandbytes layers (bitsandbytes is only looked at when imported)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    import bitsandbytes.nn as bnn
+
+    if isinstance(module, bnn.Linear4bit):
+        return "linear4bit"
+    if isinstance(module, bnn.Linear8bitLt):
+        return "linear8bit"
+    return None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """What kind of base layer AdaLoRA can wrap ``module`` as, or None.
+
+    ``"linear"`` (``nn.Linear``), ``"conv1d"`` (transformers ``Conv1D``, weight stored (in, out)),
+    ``"embedding"`` (``nn.Embedding``), ``"conv2d"`` (``nn.Conv2d``), ``"linear4bit"`` /
+    ``"linear8bit"`` (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``).
+    """
+    kind = _bnb_kind(module)  # before nn.Linear: the bitsandbytes layers subclass it
+    if kind is not None:
+        return kind
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    """A base layer type that AdaLoRA can wrap: ``nn.Linear`` or transformers ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """A base layer type that AdaLoRA can wrap (see ``layer_kind``)."""
+    return layer_kind(module) is not None
 
 
-SUPPORTED_TYPES_TEXT = "torch.nn.Linear and transformers Conv1D"
+SUPPORTED_TYPES_TEXT = ("torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv2d and "
+                        "bitsandbytes Linear4bit / Linear8bitLt")
 
 
 def features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a supported base layer (Conv1D stores its weight (in, out))."""
-    if isinstance(module, nn.Linear):
+    """``(in_features, out_features)`` of the adapter over a supported base layer.
+
+    ``lora_A`` is (r, in), ``lora_B`` is (out, r): for an embedding ``in`` is the vocabulary size and
+    ``out`` the embedding width; for a Conv2d ``in`` is ``in_channels·kh·kw`` (PEFT's ``SVDConv2d``).
+    """
+    kind = layer_kind(module)
+    if kind in ("linear", "linear4bit", "linear8bit"):
         return int(module.in_features), int(module.out_features)
-    if is_conv1d(module):
+    if kind == "conv1d":
         in_f, out_f = module.weight.shape
         return int(in_f), int(out_f)
+    if kind == "embedding":
+        return int(module.num_embeddings), int(module.embedding_dim)
+    if kind == "conv2d":
+        kh, kw = module.kernel_size
+        return int(module.in_channels * kh * kw), int(module.out_channels)
     raise TypeError(f"{type(module).__name__} is not a supported base layer ({SUPPORTED_TYPES_TEXT})")
 
 

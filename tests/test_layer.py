@@ -154,7 +154,7 @@ def test_bad_input_errors_name_the_layer():
         layer(torch.randn(5, 16, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"encoder\.layer\.0\.query.*is on meta.*cpu"):
         layer(torch.randn(5, 16, device="meta"))  # stands in for an input on another device
-    with pytest.raises(TypeError, match="must be torch.nn.Linear and transformers Conv1D"):
+    with pytest.raises(TypeError, match="must be torch.nn.Linear or transformers Conv1D"):
         AdaLoraLinear(nn.Embedding(4, 4), name="emb")
 
 

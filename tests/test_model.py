@@ -119,13 +119,13 @@ def test_unmatched_targets_error_leaves_model_untouched():
 
 
 @pytest.mark.parametrize("targets, culprit", [
-    (["query", "word_embeddings"], "bert.embeddings.word_embeddings"),  # nn.Embedding, after a valid match
+    (["query", "LayerNorm"], "bert.embeddings.LayerNorm"),  # nn.LayerNorm, after a valid match
     (["attention"], "bert.encoder.layer.0.attention"),  # a container module
 ])
 def test_unsupported_module_type_names_it_and_changes_nothing(targets, culprit):
     base = tiny_bert()
     before = _snapshot(base)
-    with pytest.raises(TypeError, match=rf"'{culprit}'.*only torch.nn.Linear and transformers Conv1D"):
+    with pytest.raises(TypeError, match=rf"'{culprit}'.*only torch.nn.Linear, transformers Conv1D"):
         get_adalora_model(base, _cfg(target_modules=targets))
     _same(before, _snapshot(base))
 
@@ -144,10 +144,10 @@ def test_failure_while_building_leaves_model_untouched(monkeypatch):
     _same(before, _snapshot(base))
 
 
-def test_conv2d_is_unsupported():
+def test_conv3d_is_unsupported():
     net = nn.Sequential()
-    net.add_module("conv", nn.Conv2d(3, 4, 3))
-    with pytest.raises(TypeError, match="'conv'.*Conv2d"):
+    net.add_module("conv", nn.Conv3d(3, 4, 3))
+    with pytest.raises(TypeError, match="'conv'.*Conv3d.*cannot adapt"):
         get_adalora_model(net, _cfg(target_modules=["conv"]))
 
 

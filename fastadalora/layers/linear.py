@@ -18,19 +18,20 @@ class AdaLoraLinear(AdapterLayer):
     Args:
         base_layer: the frozen ``nn.Linear`` (or ``Conv1D`` with ``fan_in_fan_out=True``).
         r, lora_alpha, lora_dropout, init_lora_weights, name, adapter_dtype: see ``AdapterLayer``.
-        fan_in_fan_out: True for ``Conv1D``, whose weight is stored (in, out).
+        fan_in_fan_out: True for ``Conv1D``, whose weight is stored (in, out); None (default) reads it
+            from the base layer's type (a wrong value is corrected, with a warning).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 12, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 fan_in_fan_out: bool = False, init_lora_weights: bool = True, name: str | None = None,
+                 fan_in_fan_out: bool | None = None, init_lora_weights: bool = True, name: str | None = None,
                  adapter_dtype: torch.dtype | None = None) -> None:
-        if not targeting.is_adaptable(base_layer):
+        if targeting.layer_kind(base_layer) not in ("linear", "conv1d"):
             raise TypeError(
-                f"AdaLoraLinear({name or ''}): base layer must be {targeting.SUPPORTED_TYPES_TEXT}, "
+                f"AdaLoraLinear({name or ''}): base layer must be torch.nn.Linear or transformers Conv1D, "
                 f"got {type(base_layer).__name__}"
             )
         conv1d = targeting.is_conv1d(base_layer)
-        if fan_in_fan_out != conv1d:
+        if fan_in_fan_out is not None and fan_in_fan_out != conv1d:
             warnings.warn(f"fan_in_fan_out={fan_in_fan_out} but the base layer is {type(base_layer).__name__}; "
                           f"setting fan_in_fan_out={conv1d}")
         in_features, out_features = targeting.features(base_layer)
