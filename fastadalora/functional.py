@@ -24,6 +24,9 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
     """``x·Wᵀ + b + (dropout(x)·(A⊙(E·mask))ᵀ·Bᵀ)·scale`` for x of shape (..., in).
 
+    ``weight=None`` (and ``bias=None``) gives the adapter branch alone, for a base layer that computes
+    its own output (a quantized one): the caller adds the two.
+
     ``weight`` is (out, in) in x's dtype; ``A``, ``E``, ``B`` may be wider (fp32 adapters on a
     bf16/fp16 base): the branch then reads x in its own dtype, computes in the adapter dtype and is
     added into the base output with one rounding, as PEFT's ``SVDLinear``.  Under ``torch.autocast``
@@ -37,7 +40,8 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if backend is None:
         backend = resolve_backend(x)
     if A.shape[0] == 0:  # every triplet pruned away: the base layer alone
-        y = torch.nn.functional.linear(x2d, weight, bias)
+        y = torch.nn.functional.linear(x2d, weight, bias) if weight is not None else x2d.new_zeros(
+            (x2d.shape[0], B.shape[0]))
     elif backend == "reference":  # plain autograd: autocast applies to it as to PEFT's layer
         y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p)
     else:
@@ -46,7 +50,8 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p)
         else:  # autocast: cast what autocast would cast, then run the fused op with autocast off
             device_type = x.device.type
-            x2d, weight = x2d.to(cdt), weight.to(cdt)
+            x2d = x2d.to(cdt)
+            weight = None if weight is None else weight.to(cdt)
             bias = None if bias is None else bias.to(cdt)
             with torch.autocast(device_type, enabled=False):
                 y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p, cdt)

@@ -72,9 +72,12 @@ def _dropped(x: torch.Tensor, seed: int, p: float, cdt: torch.dtype) -> torch.Te
 
 
 def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float, cdt: torch.dtype):
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     h = torch.mm(_dropped(x, seed, p, cdt), A.to(cdt).t().contiguous())
-    _add_product_(y, h * (_effective_e(E, mask, cdt) * scale), B.to(cdt).t())
+    s = h * (_effective_e(E, mask, cdt) * scale)
+    if weight is None:  # the branch alone (the caller has the base output, e.g. a quantized layer's)
+        return torch.mm(s, B.to(cdt).t()).to(x.dtype), h
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    _add_product_(y, s, B.to(cdt).t())
     return y, h
 
 
@@ -86,7 +89,10 @@ def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, 
     dh = gs * (e * scale)
     dx = dA = dE = dB = None
     kscale = dropout.keep_scale(x.shape, seed, p, x.device, cdt) if (p > 0.0 and (need_x or need_A)) else None
-    if need_x:
+    if need_x and weight is None:
+        dxa = torch.mm(dh, A.to(cdt))
+        dx = (dxa if kscale is None else dxa.mul_(kscale)).to(x.dtype)
+    elif need_x:
         dx = torch.mm(g, weight)
         if kscale is None:
             _add_product_(dx, dh, A.to(cdt))
