@@ -164,6 +164,18 @@ class AdaLoraConfig:
         if _plain(self.peft_type) != "ADALORA":
             raise ValueError(f"`peft_type` must be 'ADALORA', got {self.peft_type!r}.")
 
+    @classmethod
+    def from_peft(cls, peft_config) -> "AdaLoraConfig":
+        """Our config from a ``peft.AdaLoraConfig`` (field by field), so code that builds PEFT configs runs."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)
+                  if f.name in names and f.name != "rank_pattern"}
+        if isinstance(kwargs.get("target_modules"), (set, frozenset)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs)
+
     def require_total_step(self) -> int:
         """``total_step``, or a ``ValueError`` saying how to provide it."""
         if self.total_step is None:

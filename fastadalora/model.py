@@ -82,8 +82,11 @@ class AdaLoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
+        if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
+            config = AdaLoraConfig.from_peft(config)
         if not isinstance(config, AdaLoraConfig):
-            raise TypeError(f"config must be a fastadalora.AdaLoraConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a fastadalora.AdaLoraConfig (or a peft.AdaLoraConfig), got "
+                            f"{type(config).__name__}")
         if not isinstance(autocast_adapter_dtype, bool):
             raise ValueError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
         config = copy.deepcopy(config)
