@@ -24,6 +24,8 @@ What differs from PEFT 0.21 on purpose is listed once, in the README's "Differen
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -80,7 +82,8 @@ class AdaLoraModel(nn.Module):
     Unknown attributes are looked up on ``model`` (``.config``, ``.generate``, ...), as PEFT does.
     """
 
-    def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True) -> None:
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True,
+                 adapter_name: str = "default") -> None:
         super().__init__()
         if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
             config = AdaLoraConfig.from_peft(config)
@@ -89,6 +92,8 @@ class AdaLoraModel(nn.Module):
                             f"{type(config).__name__}")
         if not isinstance(autocast_adapter_dtype, bool):
             raise ValueError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
         config = copy.deepcopy(config)
         # every check first: the model is untouched if any fails
         targets = targeting.find_targets(model, config, (AdapterLayer,))
@@ -143,13 +148,14 @@ class AdaLoraModel(nn.Module):
         self._heads = heads
         self.allocator = allocator
         self._orth = OrthRegularizer()
+        self.adapter_name = adapter_name
 
     # ------------------------------------------------------------------ attribute forwarding
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("model", "_adapters", "_heads", "_orth", "allocator", "adalora_config"):
+            if name in ("model", "_adapters", "_heads", "_orth", "allocator", "adalora_config", "adapter_name"):
                 raise
             return getattr(self.model, name)
 
@@ -363,11 +369,59 @@ class AdaLoraModel(nn.Module):
                 self._heads[owner].state_dict(keep_vars=True)[name].copy_(t)
         self.allocator.refresh()
 
-    # ------------------------------------------------------------------ export / info
-    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
-        """Fold every adapter into its base weight, put the base layers back and return the plain model."""
+    # ------------------------------------------------------------------ adapter switches (PEFT's API)
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the base model (merged layers are unmerged first, as PEFT)."""
+        flags = {path: layer.disable_adapters for path, layer in self._adapters.items()}
         for layer in self._adapters.values():
-            layer.merge(safe_merge=safe_merge)
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for path, layer in self._adapters.items():
+                layer.disable_adapters = flags[path]
+
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        """Fold every adapter into its base weight (the layers stay; ``unmerge_adapter`` undoes it).
+
+        With ``safe_merge`` every merged weight is checked first and nothing changes if one is not finite.
+        """
+        layers = [layer for layer in self._adapters.values() if not layer.merged]
+        if safe_merge:
+            self._check_mergeable(layers)
+        for layer in layers:
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of its base weight."""
+        for layer in self._adapters.values():
+            if layer.merged:
+                layer.unmerge()
+
+    def _check_mergeable(self, layers) -> None:
+        for layer in layers:
+            if not bool(torch.isfinite(layer.merged_weight()).all()):
+                raise ValueError(f"safe_merge: merging {layer.where} would give NaN/inf weights; no layer was changed")
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names=None) -> nn.Module:
+        """Fold every adapter into its base weight, put the base layers back and return the plain model.
+
+        ``safe_merge=True`` is all or nothing: every merged weight is checked before any is written.
+        """
+        if adapter_names not in (None, [self.adapter_name]):
+            raise ValueError(f"merge_and_unload: adapter_names={adapter_names!r}; this model's trainable adapter is "
+                             f"{self.adapter_name!r}")
+        self.merge_adapter(safe_merge=safe_merge)
+        return self._remove_adapter_layers()
+
+    def unload(self) -> nn.Module:
+        """The base model back, without the adapters (merged ones are unmerged first)."""
+        self.unmerge_adapter()
+        return self._remove_adapter_layers()
+
+    def _remove_adapter_layers(self) -> nn.Module:
         for path, layer in self._adapters.items():
             parent, _, child = path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base_layer)
@@ -375,12 +429,45 @@ class AdaLoraModel(nn.Module):
         self.allocator = None
         return self.model
 
+    # ------------------------------------------------------------------ PEFT's bookkeeping API
+    @property
+    def peft_config(self) -> dict[str, AdaLoraConfig]:
+        """``{adapter name: config}`` (PEFT's ``PeftModel.peft_config``)."""
+        return {self.adapter_name: self.adalora_config}
+
+    @property
+    def active_adapter(self) -> str:
+        return self.adapter_name
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.adapter_name]
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module | None = None) -> nn.Module:
+        """PEFT's: make the input embeddings' output require grad, so reentrant checkpointing reaches the adapters."""
+        model = self.model if model is None else model
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        return model
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts."""
+        """``(trainable, all)`` parameter counts, as PEFT counts them for the same model.
+
+        PEFT's model also holds one ``ranknum`` scalar per adapted layer and, for every
+        ``modules_to_save`` head, a frozen copy of the original next to the trained one: both are counted.
+        """
         trainable = total = 0
-        for p in self.model.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+        for _, p in self.named_parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte (PEFT's rule)
+                n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        total += len(self._adapters)  # PEFT's ranknum Parameters
+        total += sum(p.numel() for head in self._heads.values() for p in head.parameters())  # the original copies
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -389,13 +476,15 @@ class AdaLoraModel(nn.Module):
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-def get_adalora_model(model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True) -> AdaLoraModel:
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
+                      autocast_adapter_dtype: bool = True) -> AdaLoraModel:
     """Adapt ``model`` in place and return the ``AdaLoraModel`` that wraps it (PEFT's ``get_peft_model``).
 
-    ``autocast_adapter_dtype=True`` (PEFT's default) makes the adapters fp32 on a bf16/fp16 base;
-    ``False`` keeps the base dtype.  fp32 and fp64 bases are unchanged either way.
+    ``adapter_name`` names the (one, trainable) adapter, as in PEFT.  ``autocast_adapter_dtype=True``
+    (PEFT's default) makes the adapters fp32 on a bf16/fp16 base; ``False`` keeps the base dtype.
+    fp32 and fp64 bases are unchanged either way.
     """
-    return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -411,3 +500,87 @@ def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torc
     if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return base_dtype
+
+
+# --------------------------------------------------------------------------- PEFT's state-dict functions
+def _unwrap(model) -> AdaLoraModel:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    if not isinstance(inner, AdaLoraModel):
+        raise TypeError(f"expected a fastadalora.AdaLoraModel, got {type(model).__name__}")
+    return inner
+
+
+def _check_adapter_name(model: AdaLoraModel, adapter_name: str) -> None:
+    if adapter_name != model.adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r}: this model's adapter is named {model.adapter_name!r}")
+
+
+def get_peft_model_state_dict(model, state_dict=None, adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict``: the tensors ``save_pretrained`` writes (PEFT's keys, sliced
+    to the kept ranks), as fresh CPU tensors.  ``state_dict`` and the embedding options are accepted for
+    PEFT's signature and not needed here."""
+    model = _unwrap(model)
+    _check_adapter_name(model, adapter_name)
+    return peft_format.adapter_tensors(model.adapter_layers(), model.live_masks(), model.head_modules())
+
+
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict, adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
+    """PEFT's ``set_peft_model_state_dict``: load tensors keyed as ``get_peft_model_state_dict`` gives them.
+
+    A layer whose tensors hold fewer triplets than the layer is resized to its live rank pattern
+    (the kept triplets), as PEFT resizes by ``rank_pattern``.  Everything is checked first; on a
+    mismatch a ``CheckpointError`` names the key and nothing is changed.
+    """
+    model = _unwrap(model)
+    _check_adapter_name(model, adapter_name)
+    lora, other = peft_format.split_keys(peft_model_state_dict, "peft_model_state_dict")
+    layers, masks, heads = model.adapter_layers(), model.live_masks(), model.head_modules()
+    unknown = sorted(set(lora) - set(layers))
+    if unknown:
+        raise checkpoint.CheckpointError(f"set_peft_model_state_dict: no adapter at {unknown}")
+    resize: dict[str, list[bool]] = {}
+    for path, parts in lora.items():
+        layer = layers[path]
+        r = parts["lora_A"].shape[0] if "lora_A" in parts else -1
+        if r != layer.r:
+            mask = masks.get(path)
+            if mask is None or sum(mask) != r:
+                raise checkpoint.CheckpointError(
+                    f"set_peft_model_state_dict: {peft_format.PREFIX}{path}.lora_A holds {r} triplets; the layer holds "
+                    f"{layer.r} and its rank pattern keeps {None if mask is None else sum(mask)}")
+            resize[path] = mask
+        expect = {"lora_A": (r, layer.in_features), "lora_E": (r, 1), "lora_B": (layer.out_features, r)}
+        for name, shape in expect.items():
+            t = parts.get(name)
+            if t is None or tuple(t.shape) != shape:
+                raise checkpoint.CheckpointError(
+                    f"set_peft_model_state_dict: {peft_format.PREFIX}{path}.{name} has shape "
+                    f"{None if t is None else tuple(t.shape)}, expected {shape}")
+    head_tensors = {}
+    for rel, t in other.items():
+        owner = next((p for p in heads if rel.startswith(p + ".")), None)
+        sd = heads[owner].state_dict() if owner else {}
+        name = rel[len(owner) + 1:] if owner else rel
+        if owner is None or name not in sd or tuple(sd[name].shape) != tuple(t.shape):
+            raise checkpoint.CheckpointError(f"set_peft_model_state_dict: unexpected or mis-shaped key "
+                                             f"{peft_format.PREFIX}{rel}")
+        head_tensors[(owner, name)] = t
+    with torch.no_grad():  # everything checked: apply
+        for path, parts in lora.items():
+            if path in resize:
+                layers[path].resize_rank(resize[path])
+            layers[path].load_adapter_(*(parts[name] for name in peft_format.LORA))
+        for (owner, name), t in head_tensors.items():
+            heads[owner].state_dict(keep_vars=True)[name].copy_(t)
+    if resize:
+        model.allocator.refresh()
+    missing = [f"{peft_format.PREFIX}{p}.{n}" for p in layers if p not in lora for n in peft_format.LORA]
+    return IncompatibleKeys(missing, [])
+
+
+get_peft_model = get_adalora_model  # PEFT's name, for an import swap: `from fastadalora import get_peft_model`

@@ -140,17 +140,22 @@ class AdapterLayer(nn.Module):
         """``ΔW`` in the base weight's layout (subclasses)."""
         raise NotImplementedError
 
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the adapter folded in, as a new tensor (nothing is changed)."""
+        weight = self.base_weight_param()
+        with torch.no_grad():
+            return weight + self.get_delta_weight().to(weight.dtype)
+
     def merge(self, safe_merge: bool = False) -> None:
         """Fold the adapter into the base weight for zero-latency inference."""
         if self.merged:
             warnings.warn(f"{self.where} is already merged; nothing to do")
             return
-        weight = self.base_weight_param()
+        merged = self.merged_weight()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"{self.where}: NaN/inf in the merged weight; adapter is broken")
         with torch.no_grad():
-            merged = weight + self.get_delta_weight().to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"{self.where}: NaN/inf in the merged weight; adapter is broken")
-            weight.copy_(merged)
+            self.base_weight_param().copy_(merged)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -161,6 +166,12 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             weight.sub_(self.get_delta_weight().to(weight.dtype))
         self.merged = False
+
+    def base_only(self) -> bool:
+        """Whether the forward is the base layer's alone: adapters disabled (unmerging first, as PEFT), or merged."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        return self.disable_adapters or self.merged
 
     def extra_repr(self) -> str:
         # no current_rank here: it reads E (a host sync per layer, and impossible on meta)

@@ -65,7 +65,7 @@ class AdaLoraLinear(AdapterLayer):
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters or self.merged:
+        if self.base_only():
             return self.base_layer(x)
         self._check_input(x)
         p = self.lora_dropout if self.training else 0.0
