@@ -369,6 +369,43 @@ class AdaLoraModel(nn.Module):
                 self._heads[owner].state_dict(keep_vars=True)[name].copy_(t)
         self.allocator.refresh()
 
+    # ------------------------------------------------------------------ beyond PEFT: compaction, LoRA export
+    def compact_ranks(self, optimizer=None) -> int:
+        """Drop every masked triplet from its layer for good; returns how many were dropped.
+
+        FLOPs, memory and optimizer state then follow the kept ranks (PEFT only masks them).  Outputs are
+        unchanged at the moment of compaction, ``ranknum`` keeps its value (so the scale is the same),
+        and the allocator, the orthogonal term, merging and checkpoints keep working.  With
+        ``optimizer`` its per-parameter state (Adam/AdamW moments and step, SGD momentum) is sliced
+        along, so training continues without rebuilding it; state it cannot slice raises a
+        ``ValueError`` before anything changes.  In the final phase (after ``total_step - tfinal``) the
+        fixed pattern keeps every remaining triplet; compacting earlier makes the pruning permanent and
+        restarts the sensitivity statistics.
+        """
+        from .export import compact_layers
+
+        masks = self.live_masks()
+        final = self.allocator is not None and self.allocator._final_keep is not None
+        dropped = compact_layers(self.adapter_layers(), masks, optimizer)
+        if dropped and self.allocator is not None:
+            self.allocator.refresh()
+            if final:
+                self.allocator.set_rank_pattern({f"{p}.lora_E": [True] * layer.r for p, layer in self._adapters.items()})
+        return dropped
+
+    def save_lora(self, save_directory, uniform_rank: bool = False) -> None:
+        """Write the adapter as a standard PEFT **LoRA** adapter (``LoraConfig`` + ``adapter_model.safetensors``).
+
+        ``diag(E)·scale`` is folded into the factors and masked triplets are dropped; per-module ranks go
+        in ``rank_pattern``/``alpha_pattern``, or with ``uniform_rank=True`` every module is zero-padded to
+        the largest kept rank.  ``peft.PeftModel.from_pretrained`` (and LoRA serving engines) load it.
+        """
+        from .export import lora_checkpoint
+
+        tensors, config = lora_checkpoint(self.adalora_config, self.model, self.adapter_layers(), self.live_masks(),
+                                          self.head_modules(), uniform_rank=uniform_rank)
+        checkpoint.write_checkpoint(save_directory, tensors, config)
+
     # ------------------------------------------------------------------ adapter switches (PEFT's API)
     @contextlib.contextmanager
     def disable_adapter(self):

@@ -135,6 +135,30 @@ class AdapterLayer(nn.Module):
             for p, t in zip(self.adapter_params(), (A, E, B)):
                 p.copy_(t.reshape(p.shape))
 
+    def lora_tensors(self, keep: list[bool] | None, rank: int) -> dict[str, torch.Tensor]:
+        """This adapter as PEFT LoRA tensors (key suffix -> tensor) with ``scaling = 1``.
+
+        ``diag(E)·scaling/(ranknum+1e-5)`` is folded into A, the triplets ``keep`` drops are left out,
+        and the factors are zero-padded to ``rank``: ``ΔW = B_lora·A_lora`` is this layer's ``ΔW``.
+        Subclasses whose LoRA layer stores other shapes or names (Embedding, Conv2d) override it.
+        """
+        A, E, B = self._kept_factors(keep, rank)
+        return {"lora_A.weight": A, "lora_B.weight": B}
+
+    def _kept_factors(self, keep: list[bool] | None, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A·diag(E)·scale, E, B)`` over the kept triplets, zero-padded to ``rank``, fresh CPU tensors."""
+        A, E, B = (t.detach() for t in self.adapter_params())
+        if keep is not None:
+            m = torch.tensor(keep, dtype=torch.bool, device=A.device)
+            A, E, B = A[m], E[m], B[:, m]
+        A = A * (E.reshape(-1, 1) * self.scale)
+        pad = rank - A.shape[0]
+        if pad < 0:
+            raise ValueError(f"{self.where}: {A.shape[0]} kept triplets do not fit rank {rank}")
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+        return A.to("cpu").contiguous(), E.to("cpu"), B.to("cpu").contiguous()
+
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self) -> torch.Tensor:
         """``ΔW`` in the base weight's layout (subclasses)."""
