@@ -32,15 +32,16 @@ import functools
 import inspect
 import io
 import operator
+import os
 import warnings
 
 import torch
 from torch import nn
 
-from . import checkpoint, targeting
+from . import checkpoint, peft_math, targeting
 from .checkpoint import peft_format
 from .config import AdaLoraConfig
-from .layers import AdapterLayer, adapter_class
+from .layers import AdapterLayer, InferenceAdapter, adapter_class
 from .orth import OrthRegularizer
 
 _EXTRA_STATE_FORMAT = "fastadalora.AdaLoraModel"
@@ -149,13 +150,18 @@ class AdaLoraModel(nn.Module):
         self.allocator = allocator
         self._orth = OrthRegularizer()
         self.adapter_name = adapter_name
+        self._active = adapter_name  # the adapter the forward runs (set_adapter)
+        self._inference_configs: dict[str, AdaLoraConfig] = {}  # adapters load_adapter added, by name
+        for layer in layers.values():
+            layer.adapter_name = layer.active_adapter = adapter_name
 
     # ------------------------------------------------------------------ attribute forwarding
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("model", "_adapters", "_heads", "_orth", "allocator", "adalora_config", "adapter_name"):
+            if name in ("model", "_adapters", "_heads", "_orth", "allocator", "adalora_config", "adapter_name", "_active",
+                        "_inference_configs"):
                 raise
             return getattr(self.model, name)
 
@@ -240,6 +246,9 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         if self.allocator is None:
             raise RuntimeError("The model has no adapters left (merge_and_unload was called).")
+        if self._active != self.adapter_name:
+            raise RuntimeError(f"update_and_allocate: the active adapter is {self._active!r}, loaded for inference; "
+                               f"set_adapter({self.adapter_name!r}) to train")
         self.adalora_config.require_total_step()
         self.allocator.update_and_allocate(step)
 
@@ -319,27 +328,55 @@ class AdaLoraModel(nn.Module):
             self.allocator.load_state_dict(state["allocator"])
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, save_directory, *, safe_serialization: bool = True, is_main_process: bool = True,
-                        **kwargs) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
+                        is_main_process: bool = True, **kwargs) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT 0.21's format.
 
-        The live model and its config are not modified.  ``safe_serialization`` and
-        ``is_main_process`` are PEFT's keywords: only safetensors is written (``False`` raises),
-        and nothing is written when ``is_main_process`` is False.
+        As PEFT: the adapter named ``"default"`` goes into ``save_directory`` itself and any other into
+        ``save_directory/<name>``; ``selected_adapters`` (default: all) picks which.  The live model
+        and its config are not modified.  Only safetensors is written (``safe_serialization=False``
+        raises), and nothing is written when ``is_main_process`` is False.
         """
         if not safe_serialization:
             raise ValueError("save_pretrained: fastadalora writes safetensors only (safe_serialization=False "
                              "would write a pickle, which from_pretrained refuses to load)")
+        names = list(self.adapter_names())
+        selected = names if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in selected if n not in names]
+        if unknown:
+            raise ValueError(f"save_pretrained: selected_adapters={selected!r}; this model's adapters are {names}")
         if not is_main_process:
             return
+        for name in selected:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            if name == self.adapter_name:
+                self._write_adapter(directory)
+            else:
+                self._write_inference_adapter(name, directory)
+
+    def _write_adapter(self, directory) -> None:
         layers, heads, masks = self.adapter_layers(), self.head_modules(), self.live_masks()
+        if any(targeting.layer_kind(layer.base_layer) == "embedding" for layer in layers.values()):
+            warnings.warn("save_pretrained: this adapter has an Embedding layer; fastadalora loads it, PEFT's AdaLoRA "
+                          "cannot (it has no AdaLoRA Embedding layer). save_lora() writes a LoRA adapter PEFT loads.")
         tensors = peft_format.adapter_tensors(layers, masks, heads)
         config = peft_format.config_dict(self.adalora_config, self.model, layers, heads, masks)
-        checkpoint.write_checkpoint(save_directory, tensors, config)
+        checkpoint.write_checkpoint(directory, tensors, config)
+
+    def _write_inference_adapter(self, name: str, directory) -> None:
+        config, layers = self._inference_configs[name], {}
+        for path, layer in self._adapters.items():
+            extra = layer.inference_adapter(name)
+            if extra is not None:
+                layers[path] = extra
+        tensors = peft_format.adapter_tensors(layers, {}, {})
+        cfg = peft_format.config_dict(config, self.model, layers, {}, {})
+        checkpoint.write_checkpoint(directory, tensors, cfg)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, pretrained_path, is_trainable: bool = False,
-                        autocast_adapter_dtype: bool = True) -> "AdaLoraModel":
+    def from_pretrained(cls, model: nn.Module, pretrained_path, adapter_name: str = "default", is_trainable: bool = False,
+                        config=None, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                        device_map=None, **kwargs) -> "AdaLoraModel":
         """Load an AdaLoRA adapter saved by PEFT 0.21 or by ``save_pretrained`` onto ``model``.
 
         Adapters are injected at ``init_r``, each resized to its saved rank (``ranknum`` stays
@@ -348,14 +385,77 @@ class AdaLoraModel(nn.Module):
         on any error the model is left untouched.  ``is_trainable=False`` freezes the adapters and puts
         the model in eval mode; ``True`` leaves adapters and heads trainable (train/eval mode
         unchanged, as PEFT) and training continues with the budget computed from the loaded ranks.
+
+        PEFT's keywords: ``config`` replaces the directory's config (an ``AdaLoraConfig`` or a
+        ``peft.AdaLoraConfig``); ``device_map`` is one device (``"cpu"``, ``"cuda:0"``, ``torch.device``)
+        or ``"auto"`` (the model's own device) to put the adapter on; ``low_cpu_mem_usage`` is accepted
+        (the adapter is small and loaded in place either way).
         """
-        plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,))
-        adalora = cls(model, plan.config, autocast_adapter_dtype=autocast_adapter_dtype)
+        if config is not None and not isinstance(config, AdaLoraConfig):
+            config = AdaLoraConfig.from_peft(config)
+        device = _single_device(device_map, model)
+        plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,), config=config)
+        adalora = cls(model, plan.config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
         adalora._apply_checkpoint(plan)
+        if device is not None:
+            for layer in adalora._adapters.values():
+                layer.to(device)
+            adalora.allocator.refresh()
         if not is_trainable:
             adalora.requires_grad_(False)
             adalora.eval()
         return adalora
+
+    # ------------------------------------------------------------------ several adapters (inference)
+    def adapter_names(self) -> list[str]:
+        """The trainable adapter's name, then those of the adapters loaded for inference."""
+        return [self.adapter_name, *self._inference_configs]
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **kwargs) -> None:
+        """Load a further AdaLoRA adapter, for inference (PEFT's ``load_adapter``); ``set_adapter`` selects it.
+
+        AdaLoRA trains one adapter per model: ``is_trainable=True`` is refused (build the model from
+        that checkpoint with ``from_pretrained(..., is_trainable=True)`` instead).  The new adapter may
+        adapt a subset of this model's adapted layers; the others run their base layer while it is active.
+        """
+        if is_trainable:
+            raise ValueError("load_adapter: AdaLoRA trains one adapter per model; load a second one for inference "
+                             "(is_trainable=False), or train it with AdaLoraModel.from_pretrained(..., is_trainable=True)")
+        if adapter_name in self.adapter_names():
+            raise ValueError(f"load_adapter: an adapter named {adapter_name!r} exists already ({self.adapter_names()})")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        plan = checkpoint.plan_inference_adapter(self.adapter_layers(), model_id)
+        cfg = plan.config
+        scaling = peft_math.scaling_of(cfg.init_r, cfg.lora_alpha)
+        for lp in plan.layers:
+            layer = self._adapters[lp.path]
+            A, E, B = layer.adapter_params()
+            held = list(range(cfg.init_r)) if lp.keep is None else [i for i, k in enumerate(lp.keep) if k]
+            tensors = [lp.tensors[n].to(device=A.device, dtype=A.dtype) for n in peft_format.LORA]
+            layer.add_inference_adapter(adapter_name, InferenceAdapter(*tensors, scaling, cfg.init_r, cfg.init_r,
+                                                                       held, layer.fan_in_fan_out))
+        self._inference_configs[adapter_name] = cfg
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one the model runs (the trainable adapter, or one ``load_adapter`` added)."""
+        if adapter_name not in self.adapter_names():
+            raise ValueError(f"set_adapter: no adapter {adapter_name!r}; this model has {self.adapter_names()}")
+        for layer in self._adapters.values():
+            layer.active_adapter = adapter_name
+        self._active = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter ``load_adapter`` added (the trainable one stays: ``unload()`` removes everything)."""
+        if adapter_name == self.adapter_name:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the trainable adapter; unload() removes all adapters")
+        if adapter_name not in self._inference_configs:
+            raise ValueError(f"delete_adapter: no adapter {adapter_name!r}; this model has {self.adapter_names()}")
+        for layer in self._adapters.values():
+            layer.delete_inference_adapter(adapter_name)
+        del self._inference_configs[adapter_name]
+        if self._active == adapter_name:
+            self._active = self.adapter_name
 
     def _apply_checkpoint(self, plan) -> None:
         """Resize and fill the adapters and heads from a validated ``CheckpointPlan``."""
@@ -470,15 +570,15 @@ class AdaLoraModel(nn.Module):
     @property
     def peft_config(self) -> dict[str, AdaLoraConfig]:
         """``{adapter name: config}`` (PEFT's ``PeftModel.peft_config``)."""
-        return {self.adapter_name: self.adalora_config}
+        return {self.adapter_name: self.adalora_config, **self._inference_configs}
 
     @property
     def active_adapter(self) -> str:
-        return self.adapter_name
+        return self._active
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.adapter_name]
+        return [self._active]
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module | None = None) -> nn.Module:
         """PEFT's: make the input embeddings' output require grad, so reentrant checkpointing reaches the adapters."""
@@ -522,6 +622,19 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str
     fp32 and fp64 bases are unchanged either way.
     """
     return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
+
+
+def _single_device(device_map, model: nn.Module) -> torch.device | None:
+    """``from_pretrained``'s ``device_map``: None, one device, or ``"auto"`` (the model's own device)."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        first = next(model.parameters(), None)
+        return None if first is None else first.device
+    if isinstance(device_map, (str, torch.device, int)):
+        return torch.device(device_map)
+    raise ValueError(f"device_map={device_map!r}: fastadalora puts an adapter on one device (a device string or "
+                     "torch.device, or 'auto' for the model's own); a per-module map is not supported")
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:

@@ -34,8 +34,12 @@ class CheckpointPlan:
     head_tensors: dict[tuple[str, str], torch.Tensor]  # (module path, tensor name) -> tensor
 
 
-def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_types: tuple = ()) -> CheckpointPlan:
+def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_types: tuple = (),
+              config=None) -> CheckpointPlan:
     """Read ``pretrained_path`` and check every key and shape against ``model``; change nothing.
+
+    ``config`` (an ``AdaLoraConfig``) replaces the one in the directory, as PEFT's ``config=`` does
+    (the saved ``rank_pattern`` still says which triplets the tensors hold).
 
     Raises ``CheckpointError`` (a ``ValueError``; ``CheckpointNotFoundError``, also a
     ``FileNotFoundError``, for a missing directory or file) naming the file and the problem.  ``adapter_types``: layer classes whose presence means "already adapted".
@@ -48,7 +52,8 @@ def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_type
         raise CheckpointError("from_pretrained: the model already holds AdaLoRA adapters; pass a fresh base model")
     raw = read_adapter_config(directory)
     module_names = [n for n, _ in model.named_modules() if n]
-    config = config_from_dict(raw, config_file, module_names)
+    if config is None:
+        config = config_from_dict(raw, config_file, module_names)
     rank_pattern = normalise_rank_pattern(raw.get("rank_pattern"), config_file)
     tensors = read_adapter_weights(directory)
     lora, other = split_keys(tensors, weights_file)
@@ -121,3 +126,44 @@ def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_type
             raise CheckpointError(f"{weights_file}: no weights for {absent} of module {owner!r}, which "
                                   f"modules_to_save={list(config.head_modules())} in {config_file} names")
     return CheckpointPlan(config, layers, head_tensors)
+
+
+def plan_inference_adapter(layers: dict[str, nn.Module], pretrained_path: str | os.PathLike) -> CheckpointPlan:
+    """Read a further adapter for layers that already carry one (``AdaLoraModel.load_adapter``); change nothing.
+
+    Its adapted modules must be among ``layers`` (it may adapt fewer) and it may carry no
+    ``modules_to_save`` weights (the heads are trained in place by the model's trainable adapter).
+    """
+    directory = Path(pretrained_path)
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"load_adapter: {directory} is not a directory (only local adapters load)")
+    config_file, weights_file = str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME)
+    raw = read_adapter_config(directory)
+    config = config_from_dict({**raw, "modules_to_save": None}, config_file)
+    rank_pattern = normalise_rank_pattern(raw.get("rank_pattern"), config_file)
+    lora, other = split_keys(read_adapter_weights(directory), weights_file)
+    if other:
+        raise CheckpointError(f"{weights_file}: holds weights of modules_to_save ({sorted(other)[:3]} ...); a second "
+                              "adapter can only add AdaLoRA layers, the heads are trained by the model's own adapter")
+    outside = sorted(p for p in lora if p not in layers)
+    if outside:
+        raise CheckpointError(f"{weights_file}: adapters for modules that carry no AdaLoRA layer in this model: "
+                              f"{outside}; load_adapter adds adapters to the adapted layers only")
+    plans = []
+    for path in sorted(lora):
+        parts, layer = lora[path], layers[path]
+        absent = [n for n in LORA if n not in parts]
+        if absent:
+            raise CheckpointError(f"{weights_file}: module {path!r} lacks {absent}")
+        keep = rank_pattern.get(path) if rank_pattern is not None else None
+        if keep is not None and len(keep) != config.init_r:
+            raise CheckpointError(
+                f"{config_file}: rank_pattern['{path}.lora_E'] has {len(keep)} entries, init_r is {config.init_r}")
+        r = sum(keep) if keep is not None else config.init_r
+        expect = {"lora_A": (r, layer.in_features), "lora_E": (r, 1), "lora_B": (layer.out_features, r)}
+        for name in LORA:
+            if tuple(parts[name].shape) != expect[name] or not parts[name].dtype.is_floating_point:
+                raise CheckpointError(f"{weights_file}: {PREFIX}{path}.{name} has shape {tuple(parts[name].shape)} "
+                                      f"({parts[name].dtype}), expected {expect[name]}")
+        plans.append(LayerPlan(path, keep, dict(parts)))
+    return CheckpointPlan(config, plans, {})

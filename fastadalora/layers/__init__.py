@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import AdapterLayer
+from .base import AdapterLayer, InferenceAdapter
 from .linear import AdaLoraLinear
 
 # kind of base layer (``targeting.layer_kind``) -> "module:class" of its adapter layer, imported when needed
@@ -24,4 +24,4 @@ def adapter_class(kind: str) -> type[AdapterLayer]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-__all__ = ["AdapterLayer", "AdaLoraLinear", "adapter_class"]
+__all__ = ["AdapterLayer", "AdaLoraLinear", "InferenceAdapter", "adapter_class"]

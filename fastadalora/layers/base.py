@@ -16,6 +16,31 @@ from torch import nn
 from .. import peft_math
 
 
+class InferenceAdapter(nn.Module):
+    """A further, frozen adapter of a layer, loaded for inference (``AdaLoraModel.load_adapter``)."""
+
+    def __init__(self, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float,
+                 init_r: int, held_positions: list[int], fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.Parameter(A, requires_grad=False)
+        self.lora_E = nn.Parameter(E, requires_grad=False)
+        self.lora_B = nn.Parameter(B, requires_grad=False)
+        self.scaling, self.ranknum, self.init_r = scaling, float(ranknum), int(init_r)
+        self.held_positions = list(held_positions)
+
+    def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_E, self.lora_B
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return peft_math.adapter_scale(self.scaling, self.ranknum)
+
+
 class AdapterLayer(nn.Module):
     """The SVD-form adapter ``P·diag(Λ)·Q`` over a frozen base layer (subclasses supply the forward).
 
@@ -52,6 +77,8 @@ class AdapterLayer(nn.Module):
         self.name = name or ""
         self.merged = False
         self.disable_adapters = False
+        self.adapter_name = "default"  # the trainable adapter's name (lora_A, lora_E, lora_B)
+        self.active_adapter = "default"  # the one the forward uses: this, or an InferenceAdapter's name
         # which of the init_r triplets the layer holds (all, until resize_rank drops some)
         self.held_positions: list[int] = list(range(r))
 
@@ -112,6 +139,30 @@ class AdapterLayer(nn.Module):
         params = self._parameters
         return params["lora_A"], params["lora_E"], params["lora_B"]
 
+    # ------------------------------------------------------------------ several adapters (inference)
+    def add_inference_adapter(self, name: str, adapter: InferenceAdapter) -> None:
+        """Hold a further, frozen adapter under ``name`` (``AdaLoraModel.load_adapter``)."""
+        if "inference_adapters" not in self._modules:
+            self.inference_adapters = nn.ModuleDict()
+        self.inference_adapters[name] = adapter
+
+    def delete_inference_adapter(self, name: str) -> None:
+        if "inference_adapters" in self._modules and name in self.inference_adapters:
+            del self.inference_adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = self.adapter_name
+
+    def inference_adapter(self, name: str) -> InferenceAdapter | None:
+        adapters = self._modules.get("inference_adapters")
+        return None if adapters is None or name not in adapters else adapters[name]
+
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        """``(A, E, B, scale)`` of the active adapter, or None when this layer holds no adapter of that name."""
+        if self.active_adapter == self.adapter_name:
+            return (*self.adapter_params(), self.scale)
+        extra = self.inference_adapter(self.active_adapter)
+        return None if extra is None else (*extra.adapter_params(), extra.scale)
+
     def current_rank(self) -> int:
         """Triplets whose singular value is not masked to zero (reads E: a host sync)."""
         return int(torch.count_nonzero(self.lora_E.detach()))
@@ -170,8 +221,15 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             return weight + self.get_delta_weight().to(weight.dtype)
 
+    def check_can_merge(self) -> None:
+        """Raise if this layer kind cannot merge (a 4-bit base); a model asks every layer before it merges any."""
+
     def merge(self, safe_merge: bool = False) -> None:
-        """Fold the adapter into the base weight for zero-latency inference."""
+        """Fold the (trainable) adapter into the base weight for zero-latency inference."""
+        self.check_can_merge()
+        if self.active_adapter != self.adapter_name:
+            raise ValueError(f"{self.where}: merging is for the trainable adapter {self.adapter_name!r}; the active "
+                             f"one is {self.active_adapter!r} (set_adapter({self.adapter_name!r}) first)")
         if self.merged:
             warnings.warn(f"{self.where} is already merged; nothing to do")
             return
@@ -192,10 +250,12 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def base_only(self) -> bool:
-        """Whether the forward is the base layer's alone: adapters disabled (unmerging first, as PEFT), or merged."""
+        """Whether the forward is the base layer's alone: adapters disabled (unmerging first, as PEFT), merged,
+        or the active adapter absent from this layer."""
         if self.disable_adapters and self.merged:
             self.unmerge()
-        return self.disable_adapters or self.merged
+        return self.disable_adapters or self.merged or (
+            self.active_adapter != self.adapter_name and self.inference_adapter(self.active_adapter) is None)
 
     def extra_repr(self) -> str:
         # no current_rank here: it reads E (a host sync per layer, and impossible on meta)

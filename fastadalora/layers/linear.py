@@ -68,9 +68,9 @@ class AdaLoraLinear(AdapterLayer):
         if self.base_only():
             return self.base_layer(x)
         self._check_input(x)
+        A, E, B, scale = self.active_factors()
         p = self.lora_dropout if self.training else 0.0
-        return adalora_linear(x, self._base_weight(), self.base_layer.bias, self.lora_A, self.lora_E, self.lora_B,
-                              self.scale, None, p)
+        return adalora_linear(x, self._base_weight(), self.base_layer.bias, A, E, B, scale, None, p)
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self) -> torch.Tensor:
