@@ -16,6 +16,7 @@ Cases:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -68,59 +69,79 @@ def masking_steps():
 
 
 def setup_layers(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device,
-                 dropout: float = 0.0, seed: int = 0) -> dict:
+                 dropout: float = 0.0, seed: int = 0, adapter_dtype: torch.dtype | None = None,
+                 x_dtype: torch.dtype | None = None) -> dict:
     """Bare ``nn.Linear``, ``AdaLoraLinear``, PEFT ``SVDLinear`` and PEFT LoRA ``Linear`` on one weight.
 
-    E is set to non-zero values (as after some training) and copied into PEFT's layer, so both
-    compute the same numbers.  Returns ``{"bare", "ours", "peft_adalora", "peft_lora", "x", "gy"}``.
+    The base is ``dtype``; the adapters are ``adapter_dtype`` (default: the base's) on both sides
+    (PEFT's ``autocast_adapter_dtype`` makes them fp32 on a half base).  ``x_dtype`` is the input's
+    (default: the base's; e.g. bf16 inputs to an fp32 base under autocast).  E is set to non-zero
+    values (as after some training) and copied into PEFT's layer, so both compute the same numbers.
+    Returns ``{"bare", "ours", "peft_adalora", "peft_lora", "x", "gy"}``.
     """
     import peft
 
     from fastadalora import AdaLoraLinear
 
     torch.manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
     base = nn.Linear(d_in, d_out).to(device=device, dtype=dtype).requires_grad_(False)
-    ours = AdaLoraLinear(copy.deepcopy(base), r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout)
+    ours = AdaLoraLinear(copy.deepcopy(base), r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout,
+                         adapter_dtype=adapter_dtype)
     with torch.no_grad():
         ours.lora_E.normal_()
 
-    pa = peft.get_peft_model(_Holder(copy.deepcopy(base)), _peft_adalora_config(r, ["lin"], dropout))
+    widen = adapter_dtype != dtype  # PEFT's autocast_adapter_dtype=True: fp32 adapters on a half base
+    pa = peft.get_peft_model(_Holder(copy.deepcopy(base)), _peft_adalora_config(r, ["lin"], dropout),
+                             autocast_adapter_dtype=widen)
     svd = pa.base_model.model.lin
     copy_layer_into_peft(ours, svd)
 
     pl = peft.get_peft_model(_Holder(copy.deepcopy(base)),
-                             peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=["lin"]))
+                             peft.LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=dropout, target_modules=["lin"]),
+                             autocast_adapter_dtype=widen)
     lora = pl.base_model.model.lin
     with torch.no_grad():
         lora.lora_B["default"].weight.normal_(std=0.02)  # non-zero B: the same work as a trained adapter
 
-    x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
-    gy = torch.randn(n, d_out, device=device, dtype=dtype)
+    x = torch.randn(n, d_in, device=device, dtype=x_dtype or dtype, requires_grad=True)
+    gy = torch.randn(n, d_out, device=device, dtype=x_dtype or dtype)
     layers = {"bare": base, "ours": ours, "peft_adalora": svd, "peft_lora": lora}
     for m in layers.values():
         m.train()
     return {**layers, "x": x, "gy": gy}
 
 
-def layer_callables(s: dict, mode: str) -> dict:
-    """No-argument callables per contender for ``mode`` in ``forward|backward|full``."""
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def layer_callables(s: dict, mode: str, autocast: torch.dtype | None = None) -> dict:
+    """No-argument callables per contender for ``mode`` in ``forward|backward|full`` (under
+    ``torch.autocast(dtype=autocast)`` when given)."""
     x, gy = s["x"], s["gy"]
     fns = {}
     for name in ("bare", "ours", "peft_adalora", "peft_lora"):
         layer = s[name]
         if mode == "forward":
-            fns[name] = lambda layer=layer: layer(x)
+            def fwd(layer=layer):
+                with _autocast(x.device, autocast):
+                    return layer(x)
+            fns[name] = fwd
         elif mode == "full":
             def full(layer=layer):
                 x.grad = None
-                layer(x).backward(gy)
+                with _autocast(x.device, autocast):
+                    y = layer(x)
+                y.backward(gy.to(y.dtype))
             fns[name] = full
         elif mode == "backward":
-            y = layer(x)
+            with _autocast(x.device, autocast):
+                y = layer(x)
 
             def bwd(y=y):
                 x.grad = None
-                y.backward(gy, retain_graph=True)
+                y.backward(gy.to(y.dtype), retain_graph=True)
             fns[name] = bwd
         else:
             raise ValueError(f"unknown mode {mode!r}")
@@ -183,7 +204,7 @@ def peft_orth_reg(peft_model, adapter_name: str = "default") -> torch.Tensor:
 
 
 def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
-                       device: torch.device, seed: int = 0) -> dict:
+                       device: torch.device, seed: int = 0, autocast: torch.dtype | None = None) -> dict:
     """A BERT-style classifier (``kind="bert"``) or a GPT-2-style LM (``kind="gpt2"``), three ways:
     fastadalora, PEFT AdaLoRA and PEFT LoRA (r = init_r), each with its own AdamW.
 
@@ -243,7 +264,8 @@ def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, bat
                     m.base_model.update_and_allocate if name == "peft_adalora" else None)
 
         def step(m=m, opt=opt, allocate=allocate, steps=masking_steps()):
-            loss = m(**batch_d).loss
+            with _autocast(device, autocast):
+                loss = m(**batch_d).loss
             loss.backward()
             opt.step()
             if allocate is not None:
@@ -259,15 +281,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def layer_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, modes, device: torch.device,
-               repeats: int = 10, warmup: int = 2) -> list[dict]:
-    s = setup_layers(n, d_in, d_out, r, dtype, device)
+               repeats: int = 10, warmup: int = 2, adapter_dtype: torch.dtype | None = None,
+               autocast: torch.dtype | None = None) -> list[dict]:
+    """One layer, fwd/bwd/full; ``adapter_dtype`` fp32 on a half base, or the whole comparison under
+    ``torch.autocast(dtype=autocast)`` (an fp32 base fed ``autocast``-dtype inputs, as in a model)."""
+    s = setup_layers(n, d_in, d_out, r, dtype, device, adapter_dtype=adapter_dtype, x_dtype=autocast)
+    label = _dtype_name(dtype) + (f", {_dtype_name(adapter_dtype)} adapters" if adapter_dtype not in (None, dtype)
+                                  else "") + (f", autocast {_dtype_name(autocast)}" if autocast else "")
     rows = []
     for mode in modes:
-        t = interleaved(layer_callables(s, mode), device, repeats=repeats, warmup=warmup)
+        t = interleaved(layer_callables(s, mode, autocast), device, repeats=repeats, warmup=warmup)
         over_ours, over_peft = t["ours"] - t["bare"], t["peft_adalora"] - t["bare"]
         over_lora = t["peft_lora"] - t["bare"]
         rows.append({
-            "case": "layer", "mode": mode, "shape": f"N={n} {d_in}->{d_out} r={r}", "dtype": _dtype_name(dtype),
+            "case": "layer", "mode": mode, "shape": f"N={n} {d_in}->{d_out} r={r}", "dtype": label,
             "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
             "peft_lora": t["peft_lora"], "bare": t["bare"],
             "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]), "ratio_vs_lora": ratio(t["ours"], t["peft_lora"]),
@@ -301,17 +328,22 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
 
 
 def memory_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device,
-                dropout: float) -> list[dict]:
-    s = setup_layers(n, d_in, d_out, r, dtype, device, dropout=dropout)
+                dropout: float, autocast: torch.dtype | None = None) -> list[dict]:
+    s = setup_layers(n, d_in, d_out, r, dtype, device, dropout=dropout, x_dtype=autocast)
     x = s["x"]
     res = {}
     for name in ("bare", "ours", "peft_adalora", "peft_lora"):
         layer = s[name]
         params = list(layer.parameters()) + list(layer.buffers())
-        res[name] = saved_bytes(lambda layer=layer: layer(x), params + [x])
+
+        def forward(layer=layer):
+            with _autocast(device, autocast):
+                return layer(x)
+        res[name] = saved_bytes(forward, params + [x])
     return [{
         "case": "saved_activations", "mode": f"dropout={dropout}", "shape": f"N={n} {d_in}->{d_out} r={r}",
-        "dtype": _dtype_name(dtype), "device": device.type, "unit": "bytes", "ours": res["ours"],
+        "dtype": _dtype_name(dtype) + (f", autocast {_dtype_name(autocast)}" if autocast else ""),
+        "device": device.type, "unit": "bytes", "ours": res["ours"],
         "peft_adalora": res["peft_adalora"], "peft_lora": res["peft_lora"], "bare": res["bare"],
         "ratio_vs_adalora": ratio(res["ours"], res["peft_adalora"]), "ratio_vs_lora": ratio(res["ours"], res["peft_lora"]),
     }]
@@ -370,16 +402,84 @@ def orth_case(num_layers: int, hidden: int, init_r: int, device: torch.device, r
 
 
 def train_step_case(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
-                    device: torch.device, repeats: int = 6, warmup: int = 1) -> list[dict]:
-    s = setup_train_models(kind, num_layers, hidden, init_r, batch, seq, device)
+                    device: torch.device, repeats: int = 6, warmup: int = 1,
+                    autocast: torch.dtype | None = None) -> list[dict]:
+    s = setup_train_models(kind, num_layers, hidden, init_r, batch, seq, device, autocast=autocast)
     t = interleaved({k: s[k] for k in ("ours", "peft_adalora", "peft_lora")}, device, repeats=repeats, warmup=warmup)
     return [{
-        "case": "train_step", "mode": f"{kind}: fwd+bwd+AdamW+allocate",
+        "case": "train_step", "mode": f"{kind}: fwd+bwd+AdamW+allocate" + (f", autocast {_dtype_name(autocast)}"
+                                                                          if autocast else ""),
         "shape": f"{num_layers} layers, hidden {hidden}, batch {batch}x{seq}, init_r={init_r}",
         "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
         "peft_lora": t["peft_lora"], "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
         "ratio_vs_lora": ratio(t["ours"], t["peft_lora"]),
     }]
+
+
+def _state_bytes(model, opt) -> int:
+    """Adapter parameters + their optimizer state + the allocator's state, in bytes."""
+    params = [p for layer in model.adapter_layers().values() for p in layer.adapter_params()]
+    total = sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        total += sum(v.numel() * v.element_size() for v in opt.state.get(p, {}).values() if torch.is_tensor(v))
+    alloc = model.allocator
+    bufs = [alloc._ipt, alloc._unc, *(alloc._spare or ()), *(alloc._scratch_bufs or ()), *(alloc._chunk_bufs or ())]
+    return total + sum(b.numel() * b.element_size() for b in bufs if torch.is_tensor(b))
+
+
+def compaction_case(init_r: int, target_r: int, device: torch.device, num_layers: int = 4, hidden: int = 256,
+                    batch: int = 8, seq: int = 128, repeats: int = 6, warmup: int = 1) -> list[dict]:
+    """The training step and the adapter+optimizer+allocator memory after ``compact_ranks`` against the
+    same model masked (both fastadalora; PEFT only masks), in the final fixed-pattern phase."""
+    import fastadalora
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=512, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                     intermediate_size=4 * hidden, max_position_embeddings=max(64, seq), hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=2, attn_implementation="eager")
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    switch = 8
+    model = fastadalora.get_adalora_model(BertForSequenceClassification(cfg).to(device), fastadalora.AdaLoraConfig(
+        init_r=init_r, target_r=target_r, tinit=2, tfinal=100_000 - switch, deltaT=1, total_step=100_000,
+        lora_alpha=LORA_ALPHA, target_modules=targets, modules_to_save=["classifier"]))
+    ids = torch.randint(1, 512, (batch, seq), device=device)
+    batch_d = {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), device=device)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for step in range(switch + 1):  # into the final phase: the pattern is fixed
+        model(**batch_d).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    compact = copy.deepcopy(model)
+    opt_c = torch.optim.AdamW([p for p in compact.parameters() if p.requires_grad], lr=1e-4)
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    compact.compact_ranks(opt_c)
+
+    def stepper(m, o):
+        counter = iter(range(switch + 1, 100_000))
+
+        def step():
+            m(**batch_d).loss.backward()
+            o.step()
+            m.update_and_allocate(next(counter))
+            o.zero_grad(set_to_none=True)
+        return step
+
+    t = interleaved({"compact": stepper(compact, opt_c), "masked": stepper(model, opt)}, device, repeats=repeats,
+                    warmup=warmup)
+    shape = f"{num_layers} layers, hidden {hidden}, batch {batch}x{seq}, init_r={init_r}->target_r={target_r}"
+    mem_c, mem_m = _state_bytes(compact, opt_c), _state_bytes(model, opt)
+    note = "both fastadalora: the 'ours' column is compacted, the 'PEFT AdaLoRA' column masked (what PEFT does)"
+    return [
+        {"case": "compaction", "mode": "train step, compacted vs masked", "shape": shape, "dtype": "float32",
+         "device": device.type, "unit": "s", "ours": t["compact"], "peft_adalora": t["masked"],
+         "ratio_vs_adalora": ratio(t["compact"], t["masked"]), "note": note},
+        {"case": "compaction", "mode": "adapter+optimizer+allocator bytes", "shape": shape, "dtype": "float32",
+         "device": device.type, "unit": "bytes", "ours": mem_c, "peft_adalora": mem_m,
+         "ratio_vs_adalora": ratio(mem_c, mem_m), "note": note},
+    ]
 
 
 # ============================================================================ plans
@@ -397,6 +497,9 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
             ("orth_case", dict(num_layers=2, hidden=32, init_r=4, repeats=3, warmup=1)),
             ("train_step_case", dict(kind="bert", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
             ("train_step_case", dict(kind="gpt2", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
+            ("layer_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, modes=("full",), repeats=2, warmup=1,
+                                autocast=bf16)),
+            ("compaction_case", dict(init_r=4, target_r=2, num_layers=1, hidden=32, batch=2, seq=8, repeats=2)),
         ]
     cases: list[tuple[str, dict]] = []
     if device.type == "cuda":
@@ -419,21 +522,30 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
             ("layer_case", dict(n=8192, d_in=768, d_out=768, r=12, dtype=f32, modes=("full",), repeats=6)),
             ("layer_case", dict(n=512, d_in=4096, d_out=4096, r=64, dtype=f32, modes=("full",), repeats=6)),
             ("layer_case", dict(n=2048, d_in=1024, d_out=1024, r=12, dtype=bf16, modes=("full",), repeats=6)),
+            # what users run: an fp32 model under bf16 autocast, and fp32 adapters on a bf16 base
+            ("layer_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, modes=("full",), repeats=8,
+                                autocast=bf16)),
+            ("layer_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=bf16, modes=("full",), repeats=8,
+                                adapter_dtype=f32)),
         ]
         cases += [("memory_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, dropout=p)) for p in (0.0, 0.1)]
+        cases.append(("memory_case", dict(n=4096, d_in=1024, d_out=1024, r=12, dtype=f32, dropout=0.1, autocast=bf16)))
         train = dict(num_layers=4, hidden=256, init_r=12, batch=8, seq=128, repeats=8, warmup=2)
     cases += [
         ("allocator_case", dict(num_layers=24, hidden=256, init_r=12, repeats=40, warmup=5)),
         ("orth_case", dict(num_layers=24, hidden=256, init_r=12, repeats=40, warmup=5)),
         ("train_step_case", dict(kind="bert", **train)),
         ("train_step_case", dict(kind="gpt2", **train)),
+        ("train_step_case", dict(kind="bert", **train, autocast=bf16)),
+        ("compaction_case", dict(init_r=12, target_r=4)),
+        ("compaction_case", dict(init_r=64, target_r=16)),
     ]
     return cases
 
 
 def run_case(name: str, kwargs: dict, device: torch.device) -> list[dict]:
     fn = globals()[name]
-    if name in ("layer_case", "memory_case", "allocator_case", "orth_case", "train_step_case"):
+    if name in ("layer_case", "memory_case", "allocator_case", "orth_case", "train_step_case", "compaction_case"):
         return fn(device=device, **kwargs)
     raise ValueError(f"unknown case {name!r}")
 

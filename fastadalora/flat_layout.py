@@ -121,21 +121,20 @@ class FlatLayout:
     def chunk_sums_(self, c: int, ipt: torch.Tensor, unc: torch.Tensor, work: torch.Tensor) -> None:
         """Chunk ``c``'s share of the triplet scores, from its views ``ipt``/``unc`` (``chunk_views``).
 
-        ``s = ipt·unc`` is never materialised: for an A chunk the row means are the diagonal of
-        ``A_ipt·A_uncᵀ`` / in, for a B chunk the column means that of ``B_iptᵀ·B_unc`` / out (one
-        ``bmm`` each), for the E chunk ``s`` itself.  They go to ``work`` (``3·R``: A | B | E parts).
+        ``s = ipt·unc`` (PEFT's element score); for an A chunk its row means, for a B chunk its column
+        means, for the E chunk ``s`` itself.  They go to ``work`` (``3·R``: A | B | E parts).
         """
         part, count, r, width, t0 = self._chunk_info[c]
         R = self.n_triplets
         dst = work[part * R + t0:part * R + t0 + count * r]
-        if part == 0:  # A: (count·r, in)
-            X, Y = ipt.view(count, r, width), unc.view(count, r, width)
-            torch.div(torch.bmm(X, Y.transpose(1, 2)).diagonal(dim1=1, dim2=2), width, out=dst.view(count, r))
-        elif part == 1:  # B: (count·out, r)
-            X, Y = ipt.view(count, width, r), unc.view(count, width, r)
-            torch.div(torch.bmm(X.transpose(1, 2), Y).diagonal(dim1=1, dim2=2), width, out=dst.view(count, r))
-        else:  # E: (count·r, 1)
+        if part == 2:  # E: (count·r, 1)
             torch.mul(ipt, unc, out=dst.view(-1, 1))
+            return
+        s = ipt * unc  # one chunk: it stays in cache
+        if part == 0:  # A: (count·r, in), a mean per row
+            torch.mean(s, 1, out=dst)
+        else:  # B: (count·out, r), a mean per column of each layer's (out, r)
+            torch.mean(s.view(count, width, r), 1, out=dst.view(count, r))
 
     def combine_sums_(self, work: torch.Tensor) -> torch.Tensor:
         """``S = s_E + (mean_A + mean_B)`` (PEFT's order of addition) from ``work`` after every ``chunk_sums_``."""
