@@ -25,6 +25,7 @@ from torch import nn
 
 from fastadalora.peft_twin import LORA, copy_adapters_into_peft, copy_layer_into_peft
 
+from . import layer_kinds
 from .harness import interleaved, ratio
 
 LORA_ALPHA = 8
@@ -500,6 +501,7 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
             ("layer_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, modes=("full",), repeats=2, warmup=1,
                                 autocast=bf16)),
             ("compaction_case", dict(init_r=4, target_r=2, num_layers=1, hidden=32, batch=2, seq=8, repeats=2)),
+            *layer_kinds.plan(device, quick=True),
         ]
     cases: list[tuple[str, dict]] = []
     if device.type == "cuda":
@@ -540,10 +542,12 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
         ("compaction_case", dict(init_r=12, target_r=4)),
         ("compaction_case", dict(init_r=64, target_r=16)),
     ]
-    return cases
+    return cases + layer_kinds.plan(device)
 
 
 def run_case(name: str, kwargs: dict, device: torch.device) -> list[dict]:
+    if name in layer_kinds.CASES:
+        return layer_kinds.CASES[name](device=device, **kwargs)
     fn = globals()[name]
     if name in ("layer_case", "memory_case", "allocator_case", "orth_case", "train_step_case", "compaction_case"):
         return fn(device=device, **kwargs)

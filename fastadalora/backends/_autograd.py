@@ -8,8 +8,9 @@ A backend hands ``adapter_function(ops)`` an object with three functions::
 
 Precision contract (what PEFT's ``SVDLinear`` computes):
 
-* ``weight`` None (and ``bias`` None) means "the branch alone": ``y`` is the adapter output and the
-  caller adds it to a base output it computed itself (a quantized base layer).
+* ``weight`` None (and ``bias`` None) means "the branch alone": ``y`` is the adapter output, in
+  ``cdt``, and the caller adds it to a base output it computed itself (a quantized base layer), so
+  the sum is rounded once.
 * ``x``, ``weight``, ``bias`` share the base dtype; ``A``, ``E``, ``B`` have the adapter dtype
   (fp32 on a bf16/fp16 base by default); ``cdt`` is the dtype of the adapter GEMMs' operands:
   the adapter dtype, or the autocast dtype under ``torch.autocast``.  Accumulation is fp32 (or
@@ -69,8 +70,8 @@ def _grads_of_formula(ctx, g, x, weight, A, E, B, mask):
         if ctx.dropout_p > 0.0:
             xd = xd * ctx.ops.keep_mask(x, ctx.seed, ctx.dropout_p).to(cdt) / (1.0 - ctx.dropout_p)
         e = E.reshape(-1) if mask is None else E.reshape(-1) * mask.to(E.dtype)
-        branch = (((xd @ A.to(cdt).t()) * e.to(cdt)) @ B.to(cdt).t() * ctx.scale).to(x.dtype)
-        y = branch if weight is None else F.linear(x, weight) + branch
+        branch = ((xd @ A.to(cdt).t()) * e.to(cdt)) @ B.to(cdt).t() * ctx.scale
+        y = branch if weight is None else F.linear(x, weight) + branch.to(x.dtype)
         grads = torch.autograd.grad(y, [saved[i] for i in wanted], g, create_graph=True, allow_unused=True) \
             if wanted else ()
         if needs[2] and ctx.has_bias:

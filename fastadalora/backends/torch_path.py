@@ -74,8 +74,8 @@ def _dropped(x: torch.Tensor, seed: int, p: float, cdt: torch.dtype) -> torch.Te
 def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float, cdt: torch.dtype):
     h = torch.mm(_dropped(x, seed, p, cdt), A.to(cdt).t().contiguous())
     s = h * (_effective_e(E, mask, cdt) * scale)
-    if weight is None:  # the branch alone (the caller has the base output, e.g. a quantized layer's)
-        return torch.mm(s, B.to(cdt).t()).to(x.dtype), h
+    if weight is None:  # the branch alone, in cdt: the caller adds it to its own base output with one rounding
+        return torch.mm(s, B.to(cdt).t()), h
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     _add_product_(y, s, B.to(cdt).t())
     return y, h
