@@ -16,6 +16,7 @@ import safetensors.torch
 import fastadalora
 from fastadalora import checkpoint as ck
 from fastadalora.layers import AdaLoraLinear
+from crash_worker import tree
 from support import batches, tiny_bert, tiny_gpt2_lm
 
 peft = pytest.importorskip("peft")
@@ -112,7 +113,19 @@ def assert_same_snapshot(before, after):
 
 
 def files(d):
-    return {name: (d / name).read_bytes() for name in sorted(os.listdir(d))}
+    """The files of ``d``, read through symlinks (the PEFT names link into ``.fastadalora``); directories skipped."""
+    return {name: (d / name).read_bytes() for name in sorted(os.listdir(d)) if not (d / name).is_dir()}
+
+
+def assert_one_version(d):
+    """The saved layout, with no temporary left: the two PEFT names linked through ``current`` to one version,
+    and PEFT's model card."""
+    assert sorted(os.listdir(d)) == [".fastadalora", "README.md", ck.CONFIG_NAME, ck.WEIGHTS_NAME]
+    for name in (ck.CONFIG_NAME, ck.WEIGHTS_NAME):
+        assert os.readlink(d / name) == f".fastadalora/current/{name}"
+    version = os.readlink(d / ".fastadalora" / "current")
+    assert sorted(os.listdir(d / ".fastadalora")) == sorted(["current", "lock", version])
+    assert sorted(os.listdir(d / ".fastadalora" / version)) == [ck.CONFIG_NAME, ck.WEIGHTS_NAME]
 
 
 # --------------------------------------------------------------------------- format
@@ -248,7 +261,7 @@ def test_save_does_not_change_live_model_or_config(tmp_path):
     assert am.adalora_config == cfg_before and am.adalora_config.rank_pattern is None
     assert am.rank_pattern == pattern_before
     assert [layer.r for layer in am.adapter_layers().values()] == [SCHEDULE["init_r"]] * 4
-    assert sorted(os.listdir(tmp_path)) == [ck.CONFIG_NAME, ck.WEIGHTS_NAME]  # no temporary files left
+    assert_one_version(tmp_path)  # no temporary files left
     probe = tmp_path / "probe"
     probe.write_bytes(b"")
     for name in (ck.CONFIG_NAME, ck.WEIGHTS_NAME):  # usual permissions (umask), not a temp file's 0600
@@ -259,7 +272,7 @@ def test_save_does_not_change_live_model_or_config(tmp_path):
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     am = fa_trained("bert", steps=3)
     am.save_pretrained(tmp_path)
-    good = files(tmp_path)
+    good = tree(tmp_path)  # everything, hidden versions and links included
     expected = outputs(am, "bert")
     _train(am, lambda s: am.update_and_allocate(s + 3), "cls", steps=2, seed=10)  # the live model moves on
 
@@ -275,7 +288,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         am.save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert files(tmp_path) == good  # nothing replaced, no temporary left
+    assert tree(tmp_path) == good  # nothing replaced, no temporary left
 
     # a failure while writing the config, after the weights were written
     def fail_json(obj, path):
@@ -285,7 +298,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed"):
         am.save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert files(tmp_path) == good
+    assert tree(tmp_path) == good
     assert_close(outputs(fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path), "bert"), expected)
 
 
@@ -320,15 +333,25 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
                                     capture_output=True, text=True, timeout=120)
     first = run("0.5", "save")
     assert first.returncode == 0, first.stderr
-    good = files(tmp_path)
+    good, layout = files(tmp_path), tree(tmp_path)
     killed = run("0.25", "kill")
     assert killed.returncode == -9, killed.stderr
-    now = files(tmp_path)
-    assert {k: now[k] for k in good} == good  # the leftover is only a hidden temporary file
-    assert all(k.startswith(".") and k.endswith(".tmp") for k in set(now) - set(good))
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    am = fastadalora.AdaLoraModel.from_pretrained(model, tmp_path)
-    assert all(torch.all(layer.lora_E == 0.5) for layer in am.adapter_layers().values())
+    assert files(tmp_path) == good  # the names PEFT opens still resolve to the previous checkpoint
+    now = tree(tmp_path)
+    assert {k: now[k] for k in layout} == layout
+    left = set(now) - set(layout)  # the leftover is the killed save's hidden, unreferenced version
+    assert left and all(k.startswith(".fastadalora/v-") for k in left), left
+
+    def lora_E():
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        am = fastadalora.AdaLoraModel.from_pretrained(model, tmp_path)
+        return {float(v) for layer in am.adapter_layers().values() for v in layer.lora_E.flatten()}
+
+    assert lora_E() == {0.5}
+    again = run("0.75", "save")  # the next save removes what the killed one left
+    assert again.returncode == 0, again.stderr
+    assert_one_version(tmp_path)
+    assert lora_E() == {0.75}
 
 
 # --------------------------------------------------------------------------- bad checkpoints

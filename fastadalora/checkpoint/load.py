@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import targeting
-from .files import read_adapter_config, read_adapter_weights
+from .files import read_checkpoint
 from .peft_format import (CONFIG_NAME, LORA, PREFIX, WEIGHTS_NAME, CheckpointError, CheckpointNotFoundError,
                           config_from_dict,
                           normalise_rank_pattern, split_keys)
@@ -32,6 +32,7 @@ class CheckpointPlan:
     config: object  # AdaLoraConfig
     layers: list[LayerPlan]
     head_tensors: dict[tuple[str, str], torch.Tensor]  # (module path, tensor name) -> tensor
+    bias_tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name in the adapted model
 
 
 def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_types: tuple = (),
@@ -50,12 +51,11 @@ def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_type
     config_file, weights_file = str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME)
     if adapter_types and any(isinstance(m, adapter_types) for m in model.modules()):
         raise CheckpointError("from_pretrained: the model already holds AdaLoRA adapters; pass a fresh base model")
-    raw = read_adapter_config(directory)
+    raw, tensors = read_checkpoint(directory)
     module_names = [n for n, _ in model.named_modules() if n]
     if config is None:
         config = config_from_dict(raw, config_file, module_names)
     rank_pattern = normalise_rank_pattern(raw.get("rank_pattern"), config_file)
-    tensors = read_adapter_weights(directory)
     lora, other = split_keys(tensors, weights_file)
 
     modules = dict(model.named_modules())
@@ -106,8 +106,16 @@ def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_type
 
     heads = targeting.find_heads(model, config.head_modules())
     head_tensors: dict[tuple[str, str], torch.Tensor] = {}
+    bias_tensors: dict[str, torch.Tensor] = {}
     for rel, t in other.items():
         owner = next((p for p in heads if rel.startswith(p + ".")), None)
+        bias = _bias_of(model, targeted, config.bias, rel) if owner is None else None
+        if bias is not None:  # PEFT's bias="all" / "lora_only" saves these
+            if tuple(bias.shape) != tuple(t.shape):
+                raise CheckpointError(f"{weights_file}: {PREFIX}{rel} has shape {tuple(t.shape)}, the model's is "
+                                      f"{tuple(bias.shape)}")
+            bias_tensors[rel] = t
+            continue
         if owner is None:
             raise CheckpointError(
                 f"{weights_file}: unexpected key {PREFIX}{rel}: neither an adapter tensor nor a tensor of "
@@ -125,7 +133,26 @@ def plan_load(model: nn.Module, pretrained_path: str | os.PathLike, adapter_type
         if absent:
             raise CheckpointError(f"{weights_file}: no weights for {absent} of module {owner!r}, which "
                                   f"modules_to_save={list(config.head_modules())} in {config_file} names")
-    return CheckpointPlan(config, layers, head_tensors)
+    return CheckpointPlan(config, layers, head_tensors, bias_tensors)
+
+
+def _bias_of(model: nn.Module, targeted: set[str], bias: str, rel: str) -> torch.Tensor | None:
+    """The base model's bias a saved key ``rel`` names under PEFT's ``bias`` setting (None: not one).
+
+    Keys are those of the adapted model: ``<path>.base_layer.bias`` for an adapted layer, ``<path>.bias``
+    for any other module (``bias="all"`` only).
+    """
+    if bias == "none" or not (rel == "bias" or rel.endswith(".bias")):
+        return None
+    path = rel[: -len(".bias")] if rel != "bias" else ""
+    if path.endswith(".base_layer") and path[: -len(".base_layer")] in targeted:
+        path = path[: -len(".base_layer")]
+    elif bias != "all" or path in targeted:
+        return None
+    try:
+        return model.get_parameter(f"{path}.bias" if path else "bias")
+    except AttributeError:
+        return None
 
 
 def plan_inference_adapter(layers: dict[str, nn.Module], pretrained_path: str | os.PathLike) -> CheckpointPlan:
@@ -138,10 +165,10 @@ def plan_inference_adapter(layers: dict[str, nn.Module], pretrained_path: str | 
     if not directory.is_dir():
         raise CheckpointNotFoundError(f"load_adapter: {directory} is not a directory (only local adapters load)")
     config_file, weights_file = str(directory / CONFIG_NAME), str(directory / WEIGHTS_NAME)
-    raw = read_adapter_config(directory)
+    raw, tensors = read_checkpoint(directory)
     config = config_from_dict({**raw, "modules_to_save": None}, config_file)
     rank_pattern = normalise_rank_pattern(raw.get("rank_pattern"), config_file)
-    lora, other = split_keys(read_adapter_weights(directory), weights_file)
+    lora, other = split_keys(tensors, weights_file)
     if other:
         raise CheckpointError(f"{weights_file}: holds weights of modules_to_save ({sorted(other)[:3]} ...); a second "
                               "adapter can only add AdaLoRA layers, the heads are trained by the model's own adapter")

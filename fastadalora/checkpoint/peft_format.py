@@ -8,9 +8,13 @@ Checked against PEFT 0.21.0 by saving a model and listing what it wrote:
   the kept triplets: ``A[m]``, ``E[m]``, ``B[:, m]``.  Weights of ``modules_to_save`` are keyed
   ``base_model.model.<module path>.<tensor name>`` (``...classifier.weight``), i.e. without PEFT's
   ``modules_to_save.default`` wrapper level.
-- ``adapter_config.json``: ``peft_type: "ADALORA"``, the schedule fields, ``target_modules``,
-  ``modules_to_save``, ``task_type`` and ``rank_pattern`` = ``{"<module path>.lora_E": [bool] * init_r}``
-  (``null`` before the first masking step).
+- ``adapter_config.json``: every ``AdaLoraConfig`` field but ``runtime_config`` (``config_dict``),
+  with what PEFT's ``save_pretrained`` fills in: ``inference_mode: true``, ``target_modules``
+  resolved (defaults, "all-linear"), the task heads appended to ``modules_to_save``,
+  ``base_model_name_or_path`` and ``auto_mapping`` from the model, ``peft_version``, and
+  ``rank_pattern`` = ``{"<module path>.lora_E": [bool] * init_r}`` (``null`` before the first
+  masking step).
+- ``README.md``: PEFT's model card (``model_card``).
 
 Every function here takes plain data (layers, masks, modules, dicts) and returns plain data.
 """
@@ -18,6 +22,9 @@ Every function here takes plain data (layers, masks, modules, dicts) and returns
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -29,9 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 LORA = ("lora_A", "lora_E", "lora_B")
-# PEFT-only config fields that would change which modules are adapted or how; refused when set.
-_UNSUPPORTED_IF_SET = ("layers_to_transform", "layers_pattern", "target_parameters", "trainable_token_indices",
-                       "layer_replication", "use_dora", "lora_bias")
+MODEL_CARD_NAME = "README.md"
 
 
 class CheckpointError(ValueError):
@@ -116,67 +121,65 @@ def split_keys(tensors: Mapping[str, torch.Tensor], weights_file: str
 
 
 # ============================================================================ config
-def _target_modules_for_save(config, model: nn.Module, layer_paths) -> Any:
-    tm = config.target_modules
-    if isinstance(tm, str):
-        return tm
-    if tm:
-        return sorted(set(tm))
-    # resolved from defaults: the last path components, if they pick exactly these layers
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in layer_paths})
-    picked = {n for n, m in model.named_modules()
-              if n and targeting.name_matches(leaves, n) and (targeting.is_adaptable(m) or n in layer_paths)}
-    return leaves if picked == set(layer_paths) else sorted(layer_paths)
+def _name_or_path(model: nn.Module) -> str | None:
+    """PEFT's ``base_model_name_or_path`` source: the model's own ``name_or_path`` attribute ("" counts as none)."""
+    return model.__dict__.get("name_or_path", None) or None
+
+
+def saved_modules_to_save(config) -> list[str] | None:
+    """``modules_to_save`` as PEFT writes it: the user's entries, then the task type's heads (PEFT appends
+    them), each once."""
+    from ..config import TASK_HEADS, _plain
+
+    names = list(config.modules_to_save) if config.modules_to_save is not None else None
+    task_heads = TASK_HEADS.get(_plain(config.task_type))
+    if task_heads:
+        names = list(task_heads) if names is None else names + list(task_heads)
+    return None if names is None else list(dict.fromkeys(names))
 
 
 def config_dict(config, model: nn.Module, layers: Mapping[str, nn.Module], heads: Mapping[str, nn.Module],
                 masks: Mapping[str, list[bool] | None]) -> dict[str, Any]:
-    """The ``adapter_config.json`` content: PEFT 0.21's AdaLoRA fields, built without mutating anything.
+    """The ``adapter_config.json`` content PEFT 0.21's ``PeftModel.save_pretrained`` writes, built without
+    mutating anything.
 
-    ``model`` is the user's (adapted) model: its module names resolve default targets and its
-    ``config.name_or_path`` (a transformers model's) fills ``base_model_name_or_path``.
+    ``model`` is the user's (adapted) model: it resolves default and "all-linear" targets (adapted
+    paths count as the layers they wrap), and gives ``base_model_name_or_path`` (its ``name_or_path``)
+    and, without a ``task_type``, ``auto_mapping``.  ``heads`` is accepted for the call signature;
+    ``modules_to_save`` is written from the config, as PEFT does.
     """
-    d: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, (set, frozenset)):
-            value = sorted(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        d[f.name] = _plain(value)
+    del heads
+    d = config.to_dict()
     d["peft_type"] = "ADALORA"
-    d["task_type"] = _plain(config.task_type)
-    d["target_modules"] = _target_modules_for_save(config, model, list(layers))
-    # the user's modules_to_save plus the task head, those the model has (PEFT writes the task head too)
-    d["modules_to_save"] = [h for h in config.head_modules() if any(targeting.name_matches([h], p) for p in heads)] \
-        or None
+    d["target_modules"] = targeting.resolve_target_modules(model, config, adapted=list(layers))
+    d["modules_to_save"] = saved_modules_to_save(config)
     d["fan_in_fan_out"] = bool(config.fan_in_fan_out or any(layer.fan_in_fan_out for layer in layers.values()))
     d["rank_pattern"] = saved_rank_pattern(layers, masks)
-    base_cfg = getattr(model, "config", None)  # transformers' PretrainedConfig, when there is one
-    d.setdefault("base_model_name_or_path", getattr(base_cfg, "name_or_path", None) or None)
-    d.setdefault("revision", None)
-    d.setdefault("inference_mode", True)
-    d.setdefault("r", 8)  # PEFT's LoraConfig default; unused by AdaLoRA
-    d.setdefault("layers_to_transform", None)
-    d.setdefault("layers_pattern", None)
-    d.setdefault("alpha_pattern", {})
+    d["base_model_name_or_path"] = config.base_model_name_or_path or _name_or_path(model)
+    d["inference_mode"] = True
+    if config.task_type is None:
+        d["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return dict(sorted(d.items()))
 
 
 def config_from_dict(cfg: dict, where: str, module_names=None):
     """An ``AdaLoraConfig`` from a parsed ``adapter_config.json`` (``CheckpointError`` naming ``where``).
 
-    ``modules_to_save`` entries that match none of ``module_names`` are dropped: PEFT writes
-    duplicates and the task heads whether the model has them or not.
+    As PEFT's loader: unknown keys (a newer PEFT's) are dropped with PEFT's warning, a
+    ``runtime_config`` entry with PEFT's warning, and a ``peft_type`` other than ADALORA is an error.
+    ``rank_pattern`` is left to ``normalise_rank_pattern``.  ``modules_to_save`` entries that match
+    none of ``module_names`` are dropped: PEFT writes duplicates and the task heads whether the model
+    has them or not.
     """
     from ..config import AdaLoraConfig
 
-    for name in _UNSUPPORTED_IF_SET:
-        value = cfg.get(name)
-        if value not in (None, False, [], {}):
-            raise CheckpointError(f"{where}: `{name}={value!r}` is not supported by fastadalora")
-    names = {f.name for f in dataclasses.fields(AdaLoraConfig)}
-    kwargs = {k: v for k, v in cfg.items() if k in names and k != "rank_pattern"}
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: the adapter config must be a JSON object, got {type(cfg).__name__}")
+    kwargs = {k: v for k, v in cfg.items() if k != "rank_pattern"}
+    if "runtime_config" in kwargs:
+        warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                      "configurations are only valid at runtime.")
+        del kwargs["runtime_config"]
     if kwargs.get("modules_to_save") and isinstance(kwargs["modules_to_save"], list):
         heads = list(dict.fromkeys(kwargs["modules_to_save"]))
         if module_names is not None:
@@ -184,9 +187,80 @@ def config_from_dict(cfg: dict, where: str, module_names=None):
                      or any(targeting.name_matches([h], n) for n in module_names)]
         kwargs["modules_to_save"] = heads or None
     try:
-        return AdaLoraConfig(**kwargs)
+        return AdaLoraConfig.from_peft_type(**kwargs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid AdaLoRA config ({exc})") from exc
+
+
+# ============================================================================ model card
+def model_card(model: nn.Module, config, existing: str | None = None) -> str:
+    """The ``README.md`` text PEFT 0.21's ``save_pretrained`` writes (``create_or_update_model_card``).
+
+    ``model`` is the user's base model, ``config`` the adapter's; ``existing`` the current
+    ``README.md`` of the save directory, if there is one (it is updated, as PEFT does).  Offline: the
+    card template is huggingface_hub's bundled one (PEFT's); without huggingface_hub a minimal card
+    with the same metadata and "### Framework versions" block is produced.  Metadata: ``library_name:
+    peft``; ``tags``: the model's ``model_tags``, ``transformers`` for a transformers model and
+    ``base_model:adapter:<name_or_path>`` when the model has a ``name_or_path``; ``base_model``: the
+    model config's ``_name_or_path``; ``pipeline_tag: text-generation`` for ``task_type='CAUSAL_LM'``.
+    Like PEFT 0.21 it never adds the quantization block (PEFT's check for it is always false).
+    """
+    from ..config import PEFT_VERSION, _plain
+
+    tags = set(getattr(model, "model_tags", None) or []) if hasattr(model, "model_tags") else set()
+    if targeting.is_transformers_model(model):
+        tags.add("transformers")
+    if hasattr(model, "name_or_path"):
+        tags.add(f"base_model:adapter:{model.name_or_path}")
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    elif dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
+        model_config = dataclasses.asdict(model_config)
+    base_model = model_config["_name_or_path"] if isinstance(model_config, dict) and "_name_or_path" in model_config \
+        else None
+    causal_lm = _plain(config.task_type) == "CAUSAL_LM"
+    version_line, heading = f"- PEFT {PEFT_VERSION}", "### Framework versions"
+
+    def add_version(lines: list[str]) -> list[str]:
+        if version_line not in lines:
+            if heading in lines:
+                lines.insert(lines.index(heading) + 2, version_line)
+            else:
+                lines.append(f"{heading}\n\n{version_line}")
+        return lines
+
+    try:
+        from huggingface_hub import ModelCard, ModelCardData
+    except ImportError:
+        ModelCard = None
+    if ModelCard is not None:
+        card = ModelCard(existing) if existing is not None else ModelCard.from_template(ModelCardData())
+        card.data["library_name"] = "peft"
+        if tags:
+            card.data["tags"] = sorted(tags)
+        if not card.data.pipeline_tag and causal_lm:
+            card.data.pipeline_tag = "text-generation"
+        if base_model is not None:
+            card.data["base_model"] = base_model
+        card.text = "\n".join(add_version(card.text.splitlines()))
+        return str(card)
+    # no huggingface_hub: the same metadata as YAML (JSON strings are YAML strings), a bare body
+    meta = {} if base_model is None else {"base_model": base_model}
+    meta["library_name"] = "peft"
+    if causal_lm:
+        meta["pipeline_tag"] = "text-generation"
+    if tags:
+        meta["tags"] = sorted(tags)
+    def scalar(v: str) -> str:
+        return v if re.fullmatch(r"[A-Za-z][A-Za-z0-9_./-]*", v) else json.dumps(v)
+
+    header = "".join(f"{k}: {scalar(v)}\n" if not isinstance(v, list) else
+                     f"{k}:\n" + "".join(f"- {scalar(t)}\n" for t in v) for k, v in sorted(meta.items()))
+    body = existing or ""
+    if body.startswith("---\n") and "\n---\n" in body[3:]:
+        body = body[3:].split("\n---\n", 1)[1]  # the old metadata block is replaced
+    return f"---\n{header}---\n\n" + "\n".join(add_version(body.splitlines()))
 
 
 def normalise_rank_pattern(rp, where: str) -> dict[str, list[bool]] | None:
