@@ -42,6 +42,9 @@ CONFIG_NAME = "adapter_config.json"
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 
 # task types for which PEFT adds the classification head to ``modules_to_save`` automatically
+# fields PEFT's AdaLoraConfig does not have: training options of fastadalora, never written to adapter_config.json
+FASTADALORA_ONLY = ("compact_at_final",)
+
 TASK_HEADS = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
@@ -168,6 +171,11 @@ class AdaLoraConfig:
         default=False,
         metadata={"help": "PEFT's inference mode: adapters (and modules_to_save) frozen, no rank allocation. "
                           "Written as True to adapter_config.json, as PEFT does."})
+    compact_at_final: bool = field(
+        default=False,
+        metadata={"help": "fastadalora only (not saved): at total_step - tfinal, when the final rank pattern is fixed, "
+                          "drop the masked triplets for good (AdaLoraModel.compact_ranks). Needs the optimizer: pass "
+                          "update_and_allocate(step, optimizer=...); AdaLoraCallback does."})
     ensure_weight_tying: bool = field(
         default=False,
         metadata={"help": "PEFT: keep tied weights tied. modules_to_save are trained in place here, so tied weights "
@@ -340,7 +348,7 @@ class AdaLoraConfig:
 
     def _check_fields(self) -> None:
         for name in ("fan_in_fan_out", "inference_mode", "ensure_weight_tying", "use_rslora", "lora_bias",
-                     "use_qalora", "use_dora"):
+                     "use_qalora", "use_dora", "compact_at_final"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         init = self.init_lora_weights
@@ -408,10 +416,11 @@ class AdaLoraConfig:
         return False
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain JSON-ready data (PEFT's ``to_dict``, without ``runtime_config``)."""
+        """PEFT's fields as plain JSON-ready data (PEFT's ``to_dict``, without ``runtime_config``); the
+        fastadalora-only training options (``FASTADALORA_ONLY``) are left out, so PEFT reads the file as its own."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name != "runtime_config":
+            if f.name != "runtime_config" and f.name not in FASTADALORA_ONLY:
                 out[f.name] = _plain_value(getattr(self, f.name))
         return out
 

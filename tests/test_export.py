@@ -170,3 +170,22 @@ def test_lora_export_loads_in_peft_as_lora(tmp_path, case, uniform):
     theirs_merged = dict(lora.merge_and_unload().named_parameters())
     for name, w in theirs_merged.items():
         torch.testing.assert_close(w, ours_merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compact_at_final_compacts_when_the_loop_passes_the_optimizer():
+    model = fastadalora.get_adalora_model(tiny_bert(dtype=torch.float64), AdaLoraConfig(
+        **SCHED, target_modules=["query", "value"], compact_at_final=True))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    with pytest.raises(ValueError, match="optimizer=optimizer"):
+        model.update_and_allocate(0)
+    switch = SCHED["total_step"] - SCHED["tfinal"]
+    model.train()
+    for step, batch in enumerate(batches(SCHED["total_step"])):
+        model(**batch).loss.backward()
+        opt.step()
+        model.update_and_allocate(step, optimizer=opt)
+        opt.zero_grad()
+        total = sum(layer.r for layer in model.adapter_layers().values())
+        assert total == (SCHED["init_r"] * 4 if step < switch else SCHED["target_r"] * 4), step
+    assert all(p.shape[0] == layer.r for layer in model.adapter_layers().values() for p in layer.adapter_params()[:2])
+    assert "compact_at_final" not in model.adalora_config.to_dict()  # a training option, not saved
