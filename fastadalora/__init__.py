@@ -29,6 +29,7 @@ _EXPORTS = {
     "RankAllocator": "allocator",
     "orth_reg_loss": "orth",
     "AdaLoraCallback": "integrations",
+    "RankMismatchError": "distributed",
     "create_loraplus_optimizer": "optim",
 }
 

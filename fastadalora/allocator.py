@@ -23,6 +23,10 @@ with one host read per step:
     τ, mask          one ``kthvalue``; E is zeroed where ``S <= τ`` (cat, where, ``_foreach_copy_``)
 
 ``rank_pattern`` (a host list of bools) is only built when read.
+
+Under ``torch.distributed`` (``distributed.py``): with DDP every rank computes the same step (checked
+at masking steps); with FSDP2-sharded adapters the state holds this rank's elements only and the
+per-triplet partial sums are all-gathered once per step.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .flat_layout import FlatLayout
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
+_DIST = torch.distributed.is_available()
 _STATE_KEYS = ("names", "ranks", "init_bgt", "last_step", "ipt", "unc", "keep", "final_keep")
 
 
@@ -112,6 +117,9 @@ class RankAllocator:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.last_step: int | None = None
         self._warned_nonfinite = False
+        self.distributed_enabled = True  # False: no collective even under torch.distributed (distributed.configure)
+        self._sync = None  # distributed.AllocatorSync, made at the first step under a process group
+        self._shard = None  # distributed.ShardedLayout while the adapters are FSDP2-sharded DTensors
         self._build(keep_state=False)
 
     # ------------------------------------------------------------------ layout and state
@@ -128,8 +136,10 @@ class RankAllocator:
         dtype = _state_dtype(p.dtype for t in per_layer for p in t)
         same = keep_state and model_shapes == self.layout.model_shapes
         saved = (self._ipt, self._unc, self._keep, self._final_keep, self.init_bgt) if same else None
+        shard = self._shard if same else None  # a sharded state stays local (same layout, same shards)
 
         self.layout = FlatLayout(model_shapes)
+        self._shard = None if shard is None else type(shard)(self.layout, shard.spec, shard.channel)
         self._tensor_shapes = [torch.Size(s) for s in self.layout.tensor_shapes]
         self.ranks = [s[0] for s in model_shapes]  # model order
         self.n_triplets = self.layout.n_triplets
@@ -148,8 +158,22 @@ class RankAllocator:
                 self._keep = None if keep is None else keep.to(device)
                 self._final_keep = None if final_keep is None else final_keep.to(device)
 
+    @property
+    def _lay(self):
+        """The layout the step runs over: the whole ``FlatLayout``, or this rank's ``ShardedLayout``."""
+        return self.layout if self._shard is None else self._shard
+
+    def _enter_sharded(self, shard) -> None:
+        """The adapters became sharded (``fully_shard`` after the model was built): keep this rank's part
+        of the EMAs (the masks are per triplet, the same on every rank, and stay as they are)."""
+        ipt, unc = shard.local_of(self._ipt), shard.local_of(self._unc)
+        self._shard = shard
+        self._allocate_state(self._device, self._dtype)
+        self._ipt.copy_(ipt)
+        self._unc.copy_(unc)
+
     def _allocate_state(self, device: torch.device, dtype: torch.dtype) -> None:
-        n = self.layout.n
+        n = self._lay.n
         self._device, self._dtype = device, dtype
         self._ipt, self._unc = torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # the next Ī, Ū (double buffer)
@@ -196,6 +220,10 @@ class RankAllocator:
         (new shapes: a fresh layout; another device or precision: the state moves)."""
         params = self.layout.flat_order(self._layer_params())
         if list(map(_shape_of, params)) != self._tensor_shapes:
+            if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitioned the Parameters in place
+                from .distributed import deepspeed_error
+
+                raise RuntimeError(deepspeed_error(self._param_names[0], params[0]))
             self.refresh()
             params = self.layout.flat_order(self._layer_params())
         if params:
@@ -204,7 +232,22 @@ class RankAllocator:
                 dtypes = set(map(_dtype_of, params))
                 self._param_dtype = params[0].dtype if len(dtypes) == 1 else None
             self._follow(params[0].device, _state_dtype(dtypes))
+            self._distributed(params, check=False)
         return params
+
+    def _distributed(self, params: list[torch.Tensor], check: bool):
+        """Under a process group of more than one rank, the ``distributed.AllocatorSync`` (sharded mode for
+        DTensors; with ``check``, the first step of a layout compares it across ranks); else None."""
+        if not (_DIST and self.distributed_enabled and torch.distributed.is_initialized()):
+            return None
+        from . import distributed
+
+        if not distributed.active():
+            return None
+        if self._sync is None:
+            self._sync = distributed.AllocatorSync()
+        self._sync.join(self, params, check)
+        return self._sync
 
     # ------------------------------------------------------------------ schedule
     def budget_schedule(self, step: int) -> tuple[int, bool]:
@@ -229,6 +272,9 @@ class RankAllocator:
         if not params:
             self.last_step = step
             return
+        sync = self._distributed(params, check=True)
+        if self._shard is not None:
+            self._shard.step = step
         with torch.no_grad():
             if step < switch:
                 scores = self._update_scores(params, step)
@@ -236,9 +282,12 @@ class RankAllocator:
                     budget, mask_now = self.budget_schedule(step)
                     if mask_now:
                         self._mask_to_budget(params, scores, budget)
+                        self._check_replicas(sync, step, budget, scores)
             elif step == switch:
                 budget, _ = self.budget_schedule(step)
-                self._mask_to_budget(params, self._scores_only(), budget)
+                scores = self._scores_only()
+                self._mask_to_budget(params, scores, budget)
+                self._check_replicas(sync, step, budget, scores)
                 self._final_keep = self._keep
                 self._ipt.zero_()
                 self._unc.zero_()
@@ -248,8 +297,16 @@ class RankAllocator:
                     self._apply_keep(params, keep)
         self.last_step = step
 
+    def _check_replicas(self, sync, step: int, budget: int, scores: torch.Tensor) -> None:
+        """DDP: every rank computed the same scores and mask (``distributed.check_replicas``); sharded
+        ranks share the gathered scores by construction."""
+        if sync is not None and self._shard is None and sync.check_replicas:
+            from . import distributed
+
+            distributed.check_replicas(sync.channel, step, budget, scores, self._keep, (self._ipt, self._unc))
+
     def _use_triton(self, p: torch.Tensor) -> bool:
-        return self._dtype == torch.float32 and resolve_backend(p) == "triton"
+        return self._shard is None and self._dtype == torch.float32 and resolve_backend(p) == "triton"
 
     def _scratch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(P, G, per-triplet work)`` (P and G full-size only for the Triton path), made on first use."""
@@ -264,7 +321,7 @@ class RankAllocator:
         """``FlatLayout.chunk_views`` of one of the allocator's persistent flat buffers (cached)."""
         views = self._chunk_cache.get(id(flat))
         if views is None or views[0].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
-            views = self._chunk_cache[id(flat)] = self.layout.chunk_views(flat)
+            views = self._chunk_cache[id(flat)] = self._lay.chunk_views(flat)
         return views
 
     def _spare_state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +336,11 @@ class RankAllocator:
             grads = [p if g is None and p.numel() == 0 else g for p, g in zip(params, grads)]
         if any(g is None for g in grads):
             name, p = next((n, p) for n, p, g in zip(self._param_names, params, grads) if g is None)
+            from .distributed import deepspeed_error
+
+            hidden = deepspeed_error(name, p)
+            if hidden is not None:
+                raise RuntimeError(hidden)
             raise RuntimeError(
                 f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "
                 "and before optimizer.zero_grad() (zero_grad(set_to_none=True) drops the gradients the "
@@ -301,9 +363,12 @@ class RankAllocator:
             scores = sensitivity_scores(P, G, self._ipt, self._unc, self._triton_table(), self.beta1, self.beta2,
                                         ipt_out=ipt_new, unc_out=unc_new)
         else:  # chunk by chunk through two chunk-sized buffers, so that each chunk's passes run in cache
+            lay = self._lay
+            if self._shard is not None:  # this rank's shards (views of FSDP's storage)
+                params, grads = lay.locals(params), lay.locals(grads)
             p_buf, g_buf = self._chunk_scratch()
             w1, w2 = 1 - self.beta1, 1 - self.beta2
-            chunks = zip(self.layout.chunks(), self._chunks_of(self._ipt), self._chunks_of(self._unc),
+            chunks = zip(lay.chunks(), self._chunks_of(self._ipt), self._chunks_of(self._unc),
                          self._chunks_of(ipt_new), self._chunks_of(unc_new))
             _, _, work = self._scratch()
             for c, ((k, count, _, _), ipt, unc, ipt2, unc2) in enumerate(chunks):
@@ -313,8 +378,8 @@ class RankAllocator:
                 I = p_.mul_(g_).abs_()  # I = |p·g|
                 torch.lerp(ipt, I, w1, out=ipt2)  # Ī' = β1·Ī + (1-β1)·I
                 torch.lerp(unc, I.sub_(ipt2).abs_(), w2, out=unc2)  # Ū' = β2·Ū + (1-β2)·|I - Ī'|
-                self.layout.chunk_sums_(c, ipt2, unc2, work)  # while the chunk is in cache
-            scores = self.layout.combine_sums_(work)
+                lay.chunk_sums_(c, ipt2, unc2, work)  # while the chunk is in cache
+            scores = lay.combine_sums_(work)
         if not bool(torch.isfinite(scores).all()):  # the one host read of the step
             self._warn_nonfinite(params, step)
             return None
@@ -323,7 +388,7 @@ class RankAllocator:
 
     def _chunk_scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._chunk_bufs is None:
-            n = max(count * rows * self.layout.tensor_shapes[k][1] for k, count, _, rows in self.layout.chunks())
+            n = max(count * rows * self.layout.tensor_shapes[k][1] for k, count, _, rows in self._lay.chunks())
             self._chunk_bufs = (torch.empty(n, dtype=self._dtype, device=self._device),
                                 torch.empty(n, dtype=self._dtype, device=self._device))
         return self._chunk_bufs
@@ -332,8 +397,9 @@ class RankAllocator:
         if self._warned_nonfinite:
             return
         self._warned_nonfinite = True
-        name = next((n for n, p in zip(self._param_names, params) if not bool(torch.isfinite(p.grad).all())),
-                    "a parameter (its value is not finite)")
+        grads = [p.grad for p in params] if self._shard is None else self._shard.locals([p.grad for p in params])
+        name = next((n for n, g in zip(self._param_names, grads) if not bool(torch.isfinite(g).all())),
+                    "a parameter (its value is not finite)" if self._shard is None else "a shard on another rank")
         warnings.warn(
             f"RankAllocator.update_and_allocate: step {step} has non-finite gradients (first: {name}); the "
             "sensitivity EMAs and the masks were left unchanged for this step (an fp16 GradScaler skips such "
@@ -356,7 +422,7 @@ class RankAllocator:
     def _triplet_scores_torch(self, ipt: torch.Tensor, unc: torch.Tensor) -> torch.Tensor:
         """``S = s_E + (mean_j s_A + mean_k s_B)`` for every triplet, ``s = Ī·Ū`` (``FlatLayout.triplet_scores``)."""
         _, _, work = self._scratch()
-        return self.layout.triplet_scores(ipt, unc, work)
+        return self._lay.triplet_scores(ipt, unc, work)
 
     def _mask_to_budget(self, params: list[torch.Tensor], scores: torch.Tensor, budget: int) -> None:
         k = min(max(self.init_bgt - int(budget), 0), self.n_triplets)
@@ -371,6 +437,8 @@ class RankAllocator:
     def _apply_keep(self, params: list[torch.Tensor], keep: torch.Tensor) -> None:
         """Zero every E entry whose flag is False (the E tensors are the last ``L`` in flat order)."""
         Es = params[2 * len(self.layout):]
+        if self._shard is not None:  # this rank's entries of E and their flags
+            Es, keep = self._shard.locals(Es), self._shard.local_keep(keep)
         if self._mask_scratch is None or self._mask_scratch[0].dtype != Es[0].dtype:
             self._mask_scratch = mask_scratch(Es)
         mask_from_pattern(Es, keep, self._mask_scratch)
@@ -426,15 +494,20 @@ class RankAllocator:
         """Everything an exact resume needs: EMAs, masks, step, and the layout they belong to.
 
         The EMAs and masks are saved in model order (``[A_0…A_{L-1} | B… | E…]``, triplets layer by
-        layer), whatever the flat layout, as fresh fp32 / bool tensors.
+        layer), whatever the flat layout, as fresh fp32 / bool tensors.  With sharded adapters the
+        EMAs are gathered from every rank first (a collective: call it on every rank), so the state
+        is the same whether it was saved sharded or not.
         """
+        ipt, unc = self._ipt, self._unc
+        if self._shard is not None:
+            ipt, unc = self._shard.gather_flat(ipt), self._shard.gather_flat(unc)
         return {
             "names": [n for n, _ in self.named_layers],
             "ranks": list(self.ranks),
             "init_bgt": self.init_bgt,
             "last_step": self.last_step,
-            "ipt": self._to_model_order(self._ipt, "elements"),
-            "unc": self._to_model_order(self._unc, "elements"),
+            "ipt": self._to_model_order(ipt, "elements"),
+            "unc": self._to_model_order(unc, "elements"),
             "keep": None if self._keep is None else self._to_model_order(self._keep, "triplets"),
             "final_keep": None if self._final_keep is None else self._to_model_order(self._final_keep, "triplets"),
         }
@@ -488,10 +561,13 @@ class RankAllocator:
         checked = self._validated(sd)
         params = self._current_params()  # the state follows the parameters' device first
         del params
-        ipt, unc = torch.empty_like(self._ipt), torch.empty_like(self._unc)
+        n = self.layout.n
+        ipt, unc = self._ipt.new_empty(n), self._unc.new_empty(n)
         with torch.no_grad():
             self._from_model_order(ipt, checked["ipt"], "elements")
             self._from_model_order(unc, checked["unc"], "elements")
+            if self._shard is not None:  # the whole state was saved; this rank keeps its elements
+                ipt, unc = self._shard.local_of(ipt), self._shard.local_of(unc)
 
         def _mask(t):
             if t is None:

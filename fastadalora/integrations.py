@@ -79,13 +79,13 @@ class AdaLoraCallback(TrainerCallback):
         model = self._adalora(kwargs)
         if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
             return control  # accelerate's optimizer: the GradScaler skipped this step, so does the allocator
-        model.update_and_allocate(state.global_step)
+        model.update_and_allocate(state.global_step, optimizer=kwargs.get("optimizer"))
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            self._adalora(kwargs).save_pretrained(folder)
+        # every rank: with FSDP-sharded adapters save_pretrained gathers them (a collective); rank 0 writes
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._adalora(kwargs).save_pretrained(folder, is_main_process=state.is_world_process_zero)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import checkpoint, peft_math, targeting
 from .checkpoint import peft_format
-from .config import AdaLoraConfig
+from .config import TASK_HEADS, AdaLoraConfig
 from .layers import AdapterLayer, InferenceAdapter, adapter_class
 from .orth import OrthRegularizer
 
@@ -99,8 +99,9 @@ class AdaLoraModel(nn.Module):
         # every check first: the model is untouched if any fails
         targets = targeting.find_targets(model, config, (AdapterLayer,))
         names = [k for k, _ in model.named_modules() if k]
-        for head in config.modules_to_save or ():
-            if not any(targeting.name_matches([head], k) for k in names):
+        task_heads = TASK_HEADS.get(getattr(config.task_type, "value", config.task_type), ())
+        for head in config.modules_to_save or ():  # the task type's own heads may be absent (PEFT appends them)
+            if head not in task_heads and not any(targeting.name_matches([head], k) for k in names):
                 raise ValueError(f"`modules_to_save` entry {head!r} matches no module of the model.")
         heads = targeting.find_heads(model, config.head_modules())
         if any(targeting.is_conv1d(m) != config.fan_in_fan_out for _, m in targets):
@@ -122,7 +123,7 @@ class AdaLoraModel(nn.Module):
                 )
             from .allocator import RankAllocator
 
-            allocator = RankAllocator(
+            allocator = None if config.inference_mode else RankAllocator(  # inference: loading only
                 list(layers.items()), init_r=config.init_r, target_r=config.target_r, tinit=config.tinit,
                 tfinal=config.tfinal, total_step=config.total_step, deltaT=config.deltaT, beta1=config.beta1,
                 beta2=config.beta2,
@@ -137,11 +138,14 @@ class AdaLoraModel(nn.Module):
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
         model.requires_grad_(False)
-        for layer in layers.values():
-            for p in layer.adapter_params():
+        if not config.inference_mode:
+            for layer in layers.values():
+                for p in layer.adapter_params():
+                    p.requires_grad_(True)
+            for head in heads.values():
+                head.requires_grad_(True)
+            for p in _bias_params(model, layers, config.bias).values():  # PEFT's bias="all" / "lora_only"
                 p.requires_grad_(True)
-        for head in heads.values():
-            head.requires_grad_(True)
 
         self.model = model
         self.adalora_config = config
@@ -217,7 +221,7 @@ class AdaLoraModel(nn.Module):
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         weight = self.adalora_config.orth_reg_weight
-        if self.training and isinstance(loss, torch.Tensor) and weight > 0 and self._adapters:
+        if self.training and isinstance(loss, torch.Tensor) and weight > 0 and self._adapters and self.allocator:
             outputs.loss = loss + weight * self.orth_reg_loss()
         return outputs
 
@@ -228,7 +232,7 @@ class AdaLoraModel(nn.Module):
         triples = [layer.adapter_params() for layer in self._adapters.values()]
         return self._orth([t[0] for t in triples], [t[2] for t in triples])
 
-    def update_and_allocate(self, global_step: int) -> None:
+    def update_and_allocate(self, global_step: int, optimizer=None) -> None:
         """Update sensitivities and mask ranks; call once per optimizer step, after ``optimizer.step()``
         and before ``optimizer.zero_grad()``.  A missing gradient raises a ``RuntimeError`` naming the
         parameter.
@@ -236,7 +240,8 @@ class AdaLoraModel(nn.Module):
         ``global_step`` is the 0-based index of the optimizer step just taken (0 on the first step),
         which is what ``transformers.Trainer`` passes as ``state.global_step`` in ``on_optimizer_step``
         and what PEFT's examples pass from their loop counter.  The last step of the run is
-        ``total_step - 1``.
+        ``total_step - 1``.  ``optimizer`` is needed (and only used) with ``compact_at_final=True``: at
+        ``total_step - tfinal`` the masked triplets are dropped and its state sliced (``compact_ranks``).
         """
         try:
             step = operator.index(global_step)  # int, numpy int, 0-d integer tensor
@@ -245,12 +250,22 @@ class AdaLoraModel(nn.Module):
         if isinstance(global_step, bool) or step < 0:
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         if self.allocator is None:
-            raise RuntimeError("The model has no adapters left (merge_and_unload was called).")
+            raise RuntimeError("update_and_allocate: " + ("the model was built with inference_mode=True (or loaded "
+                               "with is_trainable=False): it has no rank allocator; load it with is_trainable=True "
+                               "to train" if self._adapters else "the model has no adapters left (merge_and_unload "
+                               "or unload was called)"))
         if self._active != self.adapter_name:
             raise RuntimeError(f"update_and_allocate: the active adapter is {self._active!r}, loaded for inference; "
                                f"set_adapter({self.adapter_name!r}) to train")
-        self.adalora_config.require_total_step()
+        config = self.adalora_config
+        config.require_total_step()
+        if config.compact_at_final and optimizer is None:
+            raise ValueError("update_and_allocate: compact_at_final=True needs the optimizer, whose state is sliced when "
+                             "the ranks are compacted: call update_and_allocate(step, optimizer=optimizer) (the "
+                             "AdaLoraCallback passes the Trainer's)")
         self.allocator.update_and_allocate(step)
+        if config.compact_at_final and step == config.total_step - config.tfinal:
+            self.compact_ranks(optimizer)
 
     def set_total_step(self, total_step: int) -> None:
         """Set the schedule's length (``AdaLoraCallback`` does it from the Trainer's ``max_steps``).
@@ -259,7 +274,8 @@ class AdaLoraModel(nn.Module):
         """
         config = dataclasses.replace(self.adalora_config, total_step=total_step)  # validates
         self.adalora_config = config
-        self.allocator.total_step = config.total_step
+        if self.allocator is not None:
+            self.allocator.total_step = config.total_step
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
@@ -287,6 +303,11 @@ class AdaLoraModel(nn.Module):
         return {f"{prefix}model.{name}" for name, p in self.model.named_parameters(remove_duplicate=False)
                 if id(p) not in keep and not p.requires_grad}
 
+    def _base_layer_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        """Key prefixes of the adapted layers' (frozen) base layers, whose extra state (a quantized
+        weight's ``absmax``, ``quant_map``, ...) belongs to the base model too."""
+        return tuple(f"{prefix}model.{path}.base_layer." for path in self._adapters)
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The trainable state: adapters, ``modules_to_save`` heads, any other trainable parameter,
         the buffers, and the allocator state (``_extra_state``) — not the frozen base weights.
@@ -296,32 +317,59 @@ class AdaLoraModel(nn.Module):
         is the whole base model.  ``load_state_dict`` accepts this dict or a full one.
         """
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in self._frozen_base_keys(prefix):
-            sd.pop(key, None)
+        frozen, bases = self._frozen_base_keys(prefix), self._base_layer_prefixes(prefix)
+        trainable = {f"{prefix}model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        for key in [k for k in sd if k in frozen or (k.startswith(bases) and k not in trainable)]:
+            del sd[key]
         return sd
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` where the frozen base weights may be absent (see ``state_dict``)."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        frozen = self._frozen_base_keys()
-        missing = [k for k in result.missing_keys if k not in frozen]
+        frozen, bases = self._frozen_base_keys(), self._base_layer_prefixes()
+        missing = [k for k in result.missing_keys if k not in frozen and not k.startswith(bases)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
                                f"unexpected keys {result.unexpected_keys}")
         return type(result)(missing, result.unexpected_keys)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The allocator state, torch-serialised into a uint8 tensor (so state dicts stay tensor-only)."""
-        payload = {"format": _EXTRA_STATE_FORMAT, "version": 1,
-                   "allocator": None if self.allocator is None else self.allocator.state_dict()}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        """The allocator state, torch-serialised into a uint8 tensor (so state dicts stay tensor-only).
+
+        The tensor's length depends only on the adapter layout (an 8-byte length, the payload, zero
+        padding), so loaders that fill a tensor of the current size (torch.distributed.checkpoint) work.
+        """
+        state = None if self.allocator is None else self.allocator.state_dict()
+        payload = _serialise({"format": _EXTRA_STATE_FORMAT, "version": 2, "allocator": state})
+        capacity = self._extra_state_capacity(state)
+        if len(payload) + 8 > capacity:  # pragma: no cover - the capacity is computed from the largest state
+            capacity = len(payload) + 8
+        blob = bytearray(capacity)
+        blob[:8] = len(payload).to_bytes(8, "little")
+        blob[8:8 + len(payload)] = payload
+        return torch.frombuffer(blob, dtype=torch.uint8)
+
+    def _extra_state_capacity(self, state) -> int:
+        """The blob length for this layout: the serialised size of its largest state, plus a margin."""
+        key = None if state is None else (tuple(state["names"]), tuple(state["ranks"]), state["ipt"].dtype,
+                                          state["ipt"].numel())
+        if self.__dict__.get("_capacity_key") != key:
+            largest = None
+            if state is not None:
+                keep = torch.ones(sum(state["ranks"]), dtype=torch.bool)
+                largest = {**state, "ipt": state["ipt"].cpu(), "unc": state["unc"].cpu(), "keep": keep,
+                           "final_keep": keep, "init_bgt": 2**62, "last_step": 2**62}
+            size = len(_serialise({"format": _EXTRA_STATE_FORMAT, "version": 2, "allocator": largest}))
+            self.__dict__["_capacity_key"], self.__dict__["_capacity"] = key, size + 8 + 4096
+        return self.__dict__["_capacity"]
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):
             device = next((layer.lora_A.device for layer in self._adapters.values()), torch.device("cpu"))
-            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), map_location=device, weights_only=True)
+            data = state.cpu().numpy().tobytes()
+            if data[:2] != b"PK":  # version 2: length-prefixed and padded (version 1 was the bare zip)
+                data = data[8:8 + int.from_bytes(data[:8], "little")]
+            state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         if not isinstance(state, dict) or state.get("format") != _EXTRA_STATE_FORMAT:
             raise ValueError("Unrecognised extra state: not written by fastadalora.AdaLoraModel.get_extra_state.")
         if state["allocator"] is not None and self.allocator is not None:
@@ -335,7 +383,9 @@ class AdaLoraModel(nn.Module):
         As PEFT: the adapter named ``"default"`` goes into ``save_directory`` itself and any other into
         ``save_directory/<name>``; ``selected_adapters`` (default: all) picks which.  The live model
         and its config are not modified.  Only safetensors is written (``safe_serialization=False``
-        raises), and nothing is written when ``is_main_process`` is False.
+        raises), and nothing is written when ``is_main_process`` is False.  Under ``torch.distributed``
+        only rank 0 writes; with FSDP2-sharded adapters it is a collective (every rank calls it and
+        takes part in gathering the full adapter).
         """
         if not safe_serialization:
             raise ValueError("save_pretrained: fastadalora writes safetensors only (safe_serialization=False "
@@ -345,14 +395,22 @@ class AdaLoraModel(nn.Module):
         unknown = [n for n in selected if n not in names]
         if unknown:
             raise ValueError(f"save_pretrained: selected_adapters={selected!r}; this model's adapters are {names}")
-        if not is_main_process:
+        from . import distributed
+
+        shared = (self.allocator is None or self.allocator.distributed_enabled) and distributed.active()
+        writes = is_main_process and (not shared or distributed.write_rank())  # DDP/FSDP: rank 0 writes
+        layers, heads = self.adapter_layers(), self.head_modules()
+        sharded = shared and distributed.has_sharded(self, layers, heads)  # FSDP2: every rank gathers, rank 0 writes
+        if not writes and not sharded:
             return
-        for name in selected:
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            if name == self.adapter_name:
-                self._write_adapter(directory)
-            else:
-                self._write_inference_adapter(name, directory)
+        with distributed.gathered_adapters(layers, heads, distributed.channel_of(self.allocator)) if sharded \
+                else contextlib.nullcontext():
+            for name in selected if writes else ():
+                directory = save_directory if name == "default" else os.path.join(save_directory, name)
+                if name == self.adapter_name:
+                    self._write_adapter(directory)
+                else:
+                    self._write_inference_adapter(name, directory)
 
     def _write_adapter(self, directory) -> None:
         layers, heads, masks = self.adapter_layers(), self.head_modules(), self.live_masks()
@@ -360,7 +418,14 @@ class AdaLoraModel(nn.Module):
             warnings.warn("save_pretrained: this adapter has an Embedding layer; fastadalora loads it, PEFT's AdaLoRA "
                           "cannot (it has no AdaLoRA Embedding layer). save_lora() writes a LoRA adapter PEFT loads.")
         tensors = peft_format.adapter_tensors(layers, masks, heads)
+        heads_keys = set(tensors)
+        for name, p in _bias_params(self.model, layers, self.adalora_config.bias).items():
+            key = f"{peft_format.PREFIX}{name}"
+            if key not in heads_keys:
+                tensors[key] = p.detach().to("cpu", copy=True).contiguous()
         config = peft_format.config_dict(self.adalora_config, self.model, layers, heads, masks)
+        checkpoint.write_model_card(directory, lambda existing: peft_format.model_card(self.model, self.adalora_config,
+                                                                                       existing=existing))
         checkpoint.write_checkpoint(directory, tensors, config)
 
     def _write_inference_adapter(self, name: str, directory) -> None:
@@ -395,12 +460,14 @@ class AdaLoraModel(nn.Module):
             config = AdaLoraConfig.from_peft(config)
         device = _single_device(device_map, model)
         plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,), config=config)
+        plan.config = dataclasses.replace(plan.config, inference_mode=not is_trainable)  # PEFT's rule
         adalora = cls(model, plan.config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
         adalora._apply_checkpoint(plan)
         if device is not None:
             for layer in adalora._adapters.values():
                 layer.to(device)
-            adalora.allocator.refresh()
+            if adalora.allocator is not None:
+                adalora.allocator.refresh()
         if not is_trainable:
             adalora.requires_grad_(False)
             adalora.eval()
@@ -467,7 +534,11 @@ class AdaLoraModel(nn.Module):
                 layer.load_adapter_(*(lp.tensors[name] for name in peft_format.LORA))
             for (owner, name), t in plan.head_tensors.items():
                 self._heads[owner].state_dict(keep_vars=True)[name].copy_(t)
-        self.allocator.refresh()
+            biases = dict(self.model.named_parameters())
+            for name, t in plan.bias_tensors.items():
+                biases[name].copy_(t)
+        if self.allocator is not None:
+            self.allocator.refresh()
 
     # ------------------------------------------------------------------ beyond PEFT: compaction, LoRA export
     def compact_ranks(self, optimizer=None) -> int:
@@ -484,6 +555,11 @@ class AdaLoraModel(nn.Module):
         """
         from .export import compact_layers
 
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise NotImplementedError("compact_ranks under torch.distributed: DDP's gradient buckets and FSDP's shards "
+                                      "are built for the parameters' shapes; compact in one process (e.g. after "
+                                      "training, before export) or keep the masked ranks")
         masks = self.live_masks()
         final = self.allocator is not None and self.allocator._final_keep is not None
         dropped = compact_layers(self.adapter_layers(), masks, optimizer)
@@ -510,6 +586,10 @@ class AdaLoraModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """``with model.disable_adapter():`` runs the base model (merged layers are unmerged first, as PEFT)."""
+        if self.adalora_config.bias != "none":
+            warnings.warn("Careful, disabling adapter layers with bias configured to be "
+                          f"'{self.adalora_config.bias}' does not produce the same output as the base model would "
+                          "without adaption.")
         flags = {path: layer.disable_adapters for path, layer in self._adapters.items()}
         for layer in self._adapters.values():
             layer.disable_adapters = True
@@ -525,6 +605,8 @@ class AdaLoraModel(nn.Module):
         With ``safe_merge`` every merged weight is checked first and nothing changes if one is not finite.
         """
         layers = [layer for layer in self._adapters.values() if not layer.merged]
+        for layer in layers:  # a kind that cannot merge (a 4-bit base) refuses before any layer changes
+            layer.check_can_merge()
         if safe_merge:
             self._check_mergeable(layers)
         for layer in layers:
@@ -613,15 +695,52 @@ class AdaLoraModel(nn.Module):
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
-                      autocast_adapter_dtype: bool = True) -> AdaLoraModel:
-    """Adapt ``model`` in place and return the ``AdaLoraModel`` that wraps it (PEFT's ``get_peft_model``).
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", mixed: bool = False,
+                      autocast_adapter_dtype: bool = True, revision: str | None = None,
+                      low_cpu_mem_usage: bool = False) -> AdaLoraModel:
+    """Adapt ``model`` in place and return the ``AdaLoraModel`` that wraps it (PEFT's ``get_peft_model``,
+    same signature).
 
     ``adapter_name`` names the (one, trainable) adapter, as in PEFT.  ``autocast_adapter_dtype=True``
     (PEFT's default) makes the adapters fp32 on a bf16/fp16 base; ``False`` keeps the base dtype.
-    fp32 and fp64 bases are unchanged either way.
+    fp32 and fp64 bases are unchanged either way.  As PEFT, the config records the base model's
+    ``name_or_path`` and ``revision``; ``mixed`` (PEFT's mixed-adapter model) is not supported and
+    ``low_cpu_mem_usage`` changes nothing here (adapters are created in place either way).
     """
+    if mixed:
+        raise ValueError("get_adalora_model: mixed=True (PEFT's PeftMixedModel) is not supported by fastadalora")
+    if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
+        config = AdaLoraConfig.from_peft(config)
+    if isinstance(config, AdaLoraConfig):
+        old, new = config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
+        if old is not None and old != new:
+            warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{new}'. "
+                          "Please ensure that the correct base model is loaded when loading this checkpoint.")
+        changes = {"base_model_name_or_path": new}
+        if revision is not None:
+            if config.revision is not None and config.revision != revision:
+                warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting "
+                              f"with revision {revision}")
+            changes["revision"] = revision
+        config = dataclasses.replace(config, **changes)
     return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
+
+
+def _bias_params(model: nn.Module, layers: dict, bias: str) -> dict[str, torch.Tensor]:
+    """``{name: parameter}`` of the biases PEFT's ``bias`` setting trains and saves: ``"all"`` every
+    ``bias`` of the model, ``"lora_only"`` those of the adapted layers, ``"none"`` none."""
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+    if bias == "lora_only":
+        adapted = {f"{path}.base_layer.bias" for path in layers}
+        return {n: p for n, p in model.named_parameters() if n in adapted}
+    return {}
+
+
+def _serialise(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _single_device(device_map, model: nn.Module) -> torch.device | None:

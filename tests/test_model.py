@@ -329,10 +329,11 @@ def test_callback_drives_a_trainer_run(tmp_path):
     steps = []
     allocate = model.update_and_allocate
 
-    def spy(step):
+    def spy(step, optimizer=None):
         steps.append(step)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # before zero_grad
-        allocate(step)
+        assert optimizer is not None  # the Trainer's, for compact_at_final
+        allocate(step, optimizer=optimizer)
 
     model.update_and_allocate = spy
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
@@ -351,7 +352,7 @@ def test_callback_unwraps_wrappers_and_rejects_a_non_adalora_model():
 
     model = get_adalora_model(tiny_bert(), _cfg(target_modules=["query"]))
     seen = []
-    model.update_and_allocate = seen.append
+    model.update_and_allocate = lambda step, optimizer=None: seen.append(step)
     wrapper = nn.Module()
     wrapper.module = model  # a DDP-like wrapper
     state = TrainerState()

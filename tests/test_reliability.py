@@ -199,3 +199,20 @@ def test_tie_weights_after_adapting_a_tied_lm_head():
     assert inner.lm_head.base_layer.weight is inner.transformer.wte.weight
     with pytest.raises(ValueError, match="Resize the base model's embeddings before get_adalora_model"):
         model.resize_token_embeddings(80)
+
+
+def test_extra_state_has_a_fixed_size_so_dcp_checkpoints_load(tmp_path):
+    """torch.distributed.checkpoint loads into tensors of the current size: the allocator blob must not change size."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _trained(steps=5)
+    fresh = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(**CFG))
+    assert fresh.state_dict()["_extra_state"].shape == model.state_dict()["_extra_state"].shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(model.state_dict(), checkpoint_id=str(tmp_path))
+        target = fresh.state_dict()
+        dcp.load(target, checkpoint_id=str(tmp_path))
+    fresh.load_state_dict(target)
+    assert fresh.rank_pattern == model.rank_pattern
+    assert torch.equal(fresh.allocator.state_dict()["ipt"], model.allocator.state_dict()["ipt"])
