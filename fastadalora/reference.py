@@ -9,7 +9,7 @@ tested against the twin defined here:
 reference                              fast twin
 =====================================  =====================================================
 ``adapter_linear``                     ``backends.torch_path`` / ``backends.triton_path``
-``dropout_keep_mask``                  ``kernels.dropout`` (Philox), ``torch_path`` (generator)
+``dropout_keep_mask``                  ``kernels.dropout`` (Triton), ``dropout`` (torch ops)
 ``sensitivity_update``                 ``kernels.sensitivity`` / ``allocator`` (CPU, foreach)
 ``triplet_scores``                     ``kernels.sensitivity`` / ``allocator``
 ``orth_reg``                           ``orth.orth_reg_loss``
@@ -47,7 +47,10 @@ def adapter_linear(
     x's shape; kept elements are scaled by 1/(1-p) as ``nn.Dropout`` does.  With
     ``ranknum=None``, ``scaling`` is taken as the whole factor ``scaling/(ranknum+1e-5)``.
     """
-    result = torch.nn.functional.linear(x, weight, bias)
+    if weight is None:  # the branch alone, in the adapter's dtype (a base that computes its own output)
+        result = torch.zeros((), dtype=A.dtype, device=x.device)
+    else:
+        result = torch.nn.functional.linear(x, weight, bias)
     e = E.reshape(-1, 1)
     if mask is not None:
         e = e * mask.reshape(-1, 1).to(e.dtype)
@@ -60,9 +63,41 @@ def adapter_linear(
 
 
 def dropout_keep_mask(shape: Sequence[int], p: float, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """A Bernoulli(1-p) keep mask: the law every backend's dropout follows."""
-    return torch.rand(tuple(shape), generator=generator, device=device) >= p
+                      device: torch.device | str = "cpu", *, seed: int | None = None) -> torch.Tensor:
+    """The keep mask every backend's dropout follows, a pure function of ``(seed, row, column)``.
+
+    For the input flattened to (N, K): ``u = mix(ρ(n) + γ(c // 2))`` with ``ρ(n) = mix(n ^ mix(seed ^
+    0x2545F491))``, ``γ(j) = mix(j ^ mix(seed ^ 0x68E31DA4))`` and ``mix`` = lowbias32, all on uint32;
+    element (n, c) is kept when the top (c even) or bottom (c odd) 16 bits of u reach
+    ``min(65535, ⌊p·65536 + ½⌋)``.  Without ``seed`` one is drawn from ``generator`` (torch's default
+    one when None) exactly as the fused backends draw theirs, so after the same ``torch.manual_seed``
+    the masks agree.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    shape = tuple(int(s) for s in shape)
+    n_rows, n_cols = math.prod(shape[:-1]), shape[-1]
+    m32 = 0xFFFFFFFF
+
+    def mul32(x, m):  # x·m mod 2^32 for int64 x in [0, 2^32), in 16-bit halves (no int64 overflow)
+        return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & m32
+
+    def mix(x):  # lowbias32
+        x = x ^ (x >> 16)
+        x = mul32(x, 0x7FEB352D)
+        x = x ^ (x >> 15)
+        x = mul32(x, 0x846CA68B)
+        return x ^ (x >> 16)
+
+    def salt(s):
+        return int(mix(torch.tensor([(seed ^ s) & m32], dtype=torch.int64))[0])
+
+    rows = mix(torch.arange(n_rows, dtype=torch.int64, device=device) ^ salt(0x2545F491))
+    cols = torch.arange(n_cols, dtype=torch.int64, device=device)
+    pairs = mix((cols // 2) ^ salt(0x68E31DA4))
+    u = mix((rows[:, None] + pairs[None, :]) & m32)
+    half = torch.where(cols % 2 == 0, u >> 16, u & 0xFFFF)
+    return (half >= min(65535, int(p * 65536.0 + 0.5))).reshape(shape)
 
 
 # --------------------------------------------------------------------------- allocator

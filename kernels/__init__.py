@@ -1,8 +1,10 @@
 """Triton kernels, installed as ``fastadalora.kernels``.
 
 Each module holds ``@triton.jit`` kernels and their plain host launchers, nothing else:
-``dropout`` (the Philox keep-mask helper), ``adapter_forward`` (shrink, expand),
-``adapter_backward`` (dx, dA, dB, dE partials), ``sensitivity`` (the allocator's EMA/score pass).
+``dropout`` (the counter-based keep-mask law), ``adapter_forward`` (shrink, rank expand),
+``adapter_backward`` (one pass over g, dA, the partial sums; dx is the rank expand),
+``sensitivity`` (the allocator's EMA/score pass) and ``_config`` (rank tiers, block sizes, the fp32
+dot precision, token splits, the ahead-of-time compile descriptions).
 """
 
 if __name__ != "fastadalora.kernels":

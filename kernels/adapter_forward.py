@@ -1,236 +1,248 @@
-"""Forward of the fused adapter: the shrink and expand kernels, their launchers, the block sizes.
+"""Forward of the fused adapter: the shrink and rank-expand kernels and their launchers.
 
-With ``e = E·mask`` (an r-vector) the adapter branch is ``y += (dropout(x)·Aᵀ)·diag(e)·Bᵀ·scale``.
+With ``es = E·mask·scale`` (an r-vector) the adapter branch is ``y += ((dropout(x)·Aᵀ)·diag(es))·Bᵀ``.
 The base ``y = x·Wᵀ + b`` is left to torch (cuBLAS); then two kernels finish the job:
 
-* ``_shrink_kernel``  ``h = dropout(x)·Aᵀ`` (N×r, fp32), the whole padded rank in one tile, with
-  the Philox dropout fused into the x load; its epilogue also writes ``s = h·e·scale`` (N×r fp32).
-  ``h`` is what backward keeps; ``s`` is consumed by the expand and thrown away.
-* ``_rank_expand_kernel``  ``out += left·right`` in place (launcher ``rank_expand_``); the expand
-  ``y += s·Bᵀ`` is the only pass over the N×out output beyond the base GEMM's own.  The backward's
-  ``dx += (dh·A)⊙keep/(1-p)`` is the same kernel with dropout.
+* ``_shrink_kernel``  ``h = dropout(x)·Aᵀ`` (N×r, fp32), the whole padded rank in one tile, the keep
+  mask (``kernels.dropout``) fused into the x load.  ``h`` is what backward keeps.
+* ``_rank_expand_kernel``  ``out += ((left·diag(es))·right) [⊙ keep/(1-p)]`` in place (launcher
+  ``rank_expand_``): the forward's ``y += (h·es)·Bᵀ`` is the only pass over the N×out output beyond
+  the base GEMM's own, and the backward's ``dx += ((gs·es)·A) ⊙ keep/(1-p)`` is the same kernel with
+  the mask.  ``es`` is formed in the kernel from E and the mask.
 
-Block sizes for every adapter kernel (forward and backward) come from ``kernel_config``.
-Every kernel accumulates in fp32 and upcasts each tile to fp32 right after ``tl.load`` (the
-interpreter mishandles bf16 arithmetic otherwise); tiles are cast to ``DOT_DTYPE`` just before
-``tl.dot`` (see ``dot_dtype``).  Every load is masked: ragged N/in/out edges, padded rank lanes.
+Dtypes: x, y, dx have the base dtype (fp32/fp16/bf16); A, E, B the adapter dtype (often fp32 on a
+16-bit base).  Both are loaded as they are (no host-side casts), upcast to fp32 at once, and rounded
+to the compute dtype ``CDT`` just before ``tl.dot`` (``to_dot``); accumulation is fp32 and the
+in-place epilogues round once into the output's dtype.  fp32 dots use ``PRECISION`` ("ieee" or
+"tf32", from torch's matmul precision: see ``kernels._config``).  Every load is masked (ragged N/in/
+out edges, padded rank lanes) and every offset that multiplies a stride is 64-bit.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
-
-MAX_RANK = 256
-# Padded rank tiles: tl.dot needs every dim >= 16 (bf16 fails to compile below).  Three tiers, not
-# every power of two: the shrink is memory-bound up to r ~ 256, so padding costs little, and each
-# tier multiplies the kernel variants to compile (see tests/test_aot_compile.py).
-RANK_TIERS = (16, 64, 256)
-RANK_CHUNK = 64  # rank step of the kernels that reduce over the rank (expand, dx)
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+from . import _config
+from .dropout import col_keys, keep_from_keys, keep_mask, row_keys, threshold16
 
 
-# --------------------------------------------------------------------------- launch settings
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch options of one adapter kernel for one (rank, dtype)."""
-
-    BLOCK_N: int
-    BLOCK_K: int  # along in_features
-    BLOCK_OUT: int  # along out_features
-    BLOCK_R: int  # the padded rank, or the rank step of a kernel that reduces over the rank
-    num_warps: int
-    num_stages: int
+# --------------------------------------------------------------------------- shared helpers
+# The interpreter's fp32→bf16 cast truncates; the kernels round to nearest-even there by hand.
+INTERPRETED = tl.constexpr(_config.interpreted())
 
 
-def rank_tile(r: int) -> int:
-    """The padded rank tile: the smallest ``RANK_TIERS`` entry >= r."""
-    assert 1 <= r <= MAX_RANK, f"rank must be in [1, {MAX_RANK}], got {r}"
-    return next(t for t in RANK_TIERS if t >= r)
+@triton.jit
+def _round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 (ties to even), still as fp32 (finite inputs)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
-def kernel_config(r: int, dtype: torch.dtype, reduces_rank: bool = False) -> KernelConfig:
-    """The one block-size helper (no autotuning: its first-call cost is high and its choice would
-    have to be carried from forward to backward).
-
-    * ``reduces_rank=False`` (shrink, grad_s, grad_a, grad_b): the whole padded rank is one tile
-      dimension, so the other tile edge shrinks as the rank grows, keeping pipelined shared memory
-      under sm_80's 163 KiB (``tests/test_aot_compile.py`` checks it; the fp32 h/dh tiles are
-      pipelined through shared memory too, hence two stages for the wide tiles);
-    * ``reduces_rank=True`` (the rank expand: expand, grad_x): 64×64 output tiles, rank stepped by ≤ 64.
-    """
-    assert dtype in _TL_DTYPES, f"unsupported dtype {dtype}"
-    block_r = rank_tile(r)
-    if reduces_rank:
-        return KernelConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_OUT=64, BLOCK_R=min(block_r, RANK_CHUNK),
-                            num_warps=4, num_stages=3)
-    wide = block_r >= 128
-    return KernelConfig(
-        BLOCK_N=64,
-        BLOCK_K=32 if wide else 64,
-        BLOCK_OUT=32 if wide else 64,
-        BLOCK_R=block_r,
-        num_warps=8 if block_r == MAX_RANK else 4,
-        num_stages=2 if wide else 3,
-    )
+@triton.jit
+def to_dot(x, CDT: tl.constexpr, DOT: tl.constexpr):
+    """fp32 ``x`` rounded to the compute dtype, as ``tl.dot`` will read it (``DOT``; under the
+    interpreter a bf16 dot runs on the rounded values as fp32: ``_config.dot_dtype``)."""
+    if CDT == DOT:
+        if INTERPRETED and CDT == tl.bfloat16:
+            x = _round_bf16(x)
+        return x.to(DOT)
+    else:
+        return _round_bf16(x)
 
 
-def dot_dtype(dtype: torch.dtype):
-    """The operand dtype for ``tl.dot``: the input dtype (tensor cores for fp16/bf16), except bf16
-    under ``TRITON_INTERPRET=1``, whose ``tl.dot`` multiplies bf16's raw uint16 bit patterns
-    (triton 3.8); there the dot runs in fp32, which only makes the CPU tests more exact."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return tl.float32
-    return _TL_DTYPES[dtype]
+@triton.jit
+def to_out(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded once into a stored dtype."""
+    if INTERPRETED and DTYPE == tl.bfloat16:
+        x = _round_bf16(x)
+    return x.to(DTYPE)
 
 
-def _check_2d(name: str, t: torch.Tensor, contiguous: bool = True, dtype: torch.dtype | None = None) -> None:
-    assert t.dim() == 2, f"{name} must be 2-D, got shape {tuple(t.shape)}"
-    assert not contiguous or t.is_contiguous(), f"{name} must be contiguous"
-    assert dtype is None or t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}"
+@triton.jit
+def rank_scales(e_ptr, m_ptr, ranks, rank_ok, stride_e, has_mask, scale):
+    """``es = E·mask·scale`` (fp32) for the rank lanes ``ranks``; no mask load when ``has_mask`` is 0."""
+    e = tl.load(e_ptr + ranks.to(tl.int64) * stride_e, mask=rank_ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + ranks, mask=rank_ok & ((ranks * 0 + has_mask) != 0), other=1.0).to(tl.float32)
+    return e * m * scale
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=["N", "R", "seed", "t16"])
 def _shrink_kernel(
-    x_ptr, a_ptr, e_ptr, h_ptr, s_ptr,
-    N, K, R, stride_xn, stride_xk,
-    seed, p, keep_scale, scale,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    x_ptr, a_ptr, h_ptr,
+    N, K, R, stride_xn, stride_xk, stride_ar, stride_ak,
+    seed, t16, keep_scale,
+    CDT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per BLOCK_N rows of x (N×K, any strides); A is (R, K) row-major; e is (R,)
-    fp32.  Writes h = dropout(x)·Aᵀ and s = h·e·scale, both (N, R) row-major fp32."""
+    """One program per BLOCK_N rows: ``h = dropout(x)·Aᵀ`` (N, R) row-major fp32.  x (N, K) and A (R, K)
+    any strides; ``t16`` > 0 drops with the keep mask of ``seed``, ``keep_scale`` = 1/(1-p)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows < N
     rank_ok = ranks < R
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xn
+    a_ranks = a_ptr + ranks[None, :].to(tl.int64) * stride_ar
+    rk = row_keys(seed, rows)[:, None]  # the dropout row keys, once per program
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
-        if HAS_DROPOUT:  # zero the dropped elements here; the exact 1/(1-p) is applied to h below
-            x = tl.where(keep_mask(seed, rows[:, None], cols[None, :], K, p), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
+        x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if t16 > 0:  # zero the dropped elements; the exact 1/(1-p) is applied to h below
+            x = tl.where(keep_from_keys(rk, col_keys(seed, cols)[None, :], cols[None, :], t16), x, 0.0)
+        a_t = tl.load(a_ranks + cols[:, None].to(tl.int64) * stride_ak, mask=col_ok[:, None] & rank_ok[None, :],
                       other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_R) tile of Aᵀ
-        acc = tl.dot(x.to(DOT_DTYPE), a_t.to(DOT_DTYPE), acc, input_precision="ieee")
-    if HAS_DROPOUT:
-        acc = acc * keep_scale
-    e = tl.load(e_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)
+        acc = tl.dot(to_dot(x, CDT, DOT), to_dot(a_t, CDT, DOT), acc, input_precision=PRECISION)
     out = rows[:, None].to(tl.int64) * R + ranks[None, :]
-    inside = row_ok[:, None] & rank_ok[None, :]
-    tl.store(h_ptr + out, acc, mask=inside)
-    tl.store(s_ptr + out, acc * (e * scale)[None, :], mask=inside)
+    tl.store(h_ptr + out, acc * keep_scale, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "R", "has_mask", "seed", "t16"])
 def _rank_expand_kernel(
-    left_ptr, right_ptr, out_ptr,
-    N, K, R, stride_rr, stride_rk,
-    seed, p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    left_ptr, e_ptr, m_ptr, right_ptr, out_ptr,
+    N, K, R, stride_rr, stride_rk, stride_e, has_mask, scale,
+    seed, t16, keep_scale,
+    CDT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program per (BLOCK_N, BLOCK_K) tile of out (N×K row-major, in place):
-    ``out += (left·right) [⊙ keep/(1-p)]``, left (N, R) fp32 contiguous, right (R, K) read through
-    ``(stride_rr, stride_rk)``; the rank is reduced in BLOCK_R steps.
-
-    The forward's expand is ``y += s·Bᵀ`` (right = Bᵀ: strides (1, R)); the backward's grad_x is
-    ``dx += (dh·A) ⊙ keep/(1-p)`` (right = A: strides (K, 1)), with the keep mask of the shrink.
-    """
+    ``out += ((left·diag(es))·right) [⊙ keep·keep_scale]`` with ``es = E·mask·scale``; left (N, R)
+    fp32 row-major; right (R, K) read through ``(stride_rr, stride_rk)``; the rank is reduced in
+    BLOCK_R steps.  The forward's expand is ``y += (h·es)·Bᵀ`` (right = Bᵀ); the backward's grad_x is
+    ``dx += ((gs·es)·A) ⊙ keep/(1-p)`` (right = A), with the keep mask of the shrink."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < N
     col_ok = cols < K
+    left_rows = left_ptr + rows[:, None].to(tl.int64) * R
+    right_cols = right_ptr + cols[None, :].to(tl.int64) * stride_rk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        left = tl.load(left_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
-                       mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        right = tl.load(right_ptr + ranks[:, None] * stride_rr + cols[None, :] * stride_rk,
+        es = rank_scales(e_ptr, m_ptr, ranks, rank_ok, stride_e, has_mask, scale)
+        left = tl.load(left_rows + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0) * es[None, :]
+        right = tl.load(right_cols + ranks[:, None].to(tl.int64) * stride_rr,
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(left.to(DOT_DTYPE), right.to(DOT_DTYPE), acc, input_precision="ieee")
-    if HAS_DROPOUT:
-        acc = tl.where(keep_mask(seed, rows[:, None], cols[None, :], K, p), acc * keep_scale, 0.0)
+        acc = tl.dot(to_dot(left, CDT, DOT), to_dot(right, CDT, DOT), acc, input_precision=PRECISION)
+    if t16 > 0:
+        acc = tl.where(keep_mask(seed, rows[:, None], cols[None, :], t16), acc, 0.0)
     out_tile = out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
     inside = row_ok[:, None] & col_ok[None, :]
     out = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_tile, (out + acc).to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_tile, to_out(out + acc * keep_scale, out_ptr.dtype.element_ty), mask=inside)
 
 
-def rank_expand_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, seed: int = 0,
-                 p: float = 0.0) -> torch.Tensor:
-    """``out += (left·right) ⊙ keep/(1-p)`` in place (no mask when p = 0) and return out.
+# --------------------------------------------------------------------------- launchers
+def check_2d(name: str, t: torch.Tensor, contiguous: bool = False, dtype: torch.dtype | None = None) -> None:
+    assert t.dim() == 2, f"{name} must be 2-D, got shape {tuple(t.shape)}"
+    assert not contiguous or t.is_contiguous(), f"{name} must be contiguous"
+    assert dtype is None or t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}"
 
-    out (N, K) contiguous; left (N, r) fp32 contiguous; right (r, K) in out's dtype, any strides
-    (e.g. ``B.t()``).  The keep mask is the shrink kernel's for the same ``seed``.
+
+def check_rank_vectors(E: torch.Tensor, m: torch.Tensor | None, R: int) -> None:
+    assert E.numel() == R and E.dim() in (1, 2), f"E must hold r={R} values, got shape {tuple(E.shape)}"
+    assert m is None or (m.shape == (R,) and m.dtype == E.dtype and m.is_contiguous()), \
+        "mask must be a contiguous (r,) vector of E's dtype"
+
+
+def dropout_args(seed: int, p: float) -> tuple[int, int, float]:
+    """``(seed, t16, keep_scale)`` as the kernels take them."""
+    assert 0 <= seed < 2**31, "the seed is a 32-bit kernel argument"
+    return int(seed), threshold16(p), 1.0 / (1.0 - p)
+
+
+def _dot_args(cdt: torch.dtype) -> dict:
+    return dict(CDT=_config.TL_DTYPES[cdt], DOT=_config.dot_dtype(cdt), PRECISION=_config.dot_precision(cdt))
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, seed: int = 0, p: float = 0.0, cdt: torch.dtype | None = None,
+           ) -> torch.Tensor:
+    """``h = dropout(x)·Aᵀ`` (N, r) fp32.  x (N, in) and A (r, in) any strides and dtypes; the dot's
+    operands are rounded to ``cdt`` (default A's dtype); ``p`` > 0 drops with the keep mask of ``seed``."""
+    check_2d("x", x)
+    check_2d("A", A)
+    N, K = x.shape
+    R = A.shape[0]
+    assert A.shape[1] == K, "shape mismatch between x and A"
+    cdt = A.dtype if cdt is None else cdt
+    h = torch.empty((N, R), dtype=torch.float32, device=x.device)
+    if N == 0:
+        return h
+    cfg = _config.kernel_config("shrink", R, cdt)
+    _shrink_kernel[(triton.cdiv(N, cfg.BLOCK_N),)](
+        x, A, h, N, K, R, x.stride(0), x.stride(1), A.stride(0), A.stride(1), *dropout_args(seed, p),
+        **_dot_args(cdt), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h
+
+
+def rank_expand_(out: torch.Tensor, left: torch.Tensor, E: torch.Tensor, m: torch.Tensor | None,
+                 right: torch.Tensor, scale: float, seed: int = 0, p: float = 0.0,
+                 cdt: torch.dtype | None = None) -> torch.Tensor:
+    """``out += ((left·diag(E·m·scale))·right) ⊙ keep/(1-p)`` in place (no mask when p = 0); returns out.
+
+    out (N, K) contiguous, any float dtype (rounded once); left (N, r) fp32 contiguous; right (r, K) any
+    strides and dtype (e.g. ``B.t()``); E (r, 1) or (r,); m None or (r,) of E's dtype.  The dot's
+    operands are rounded to ``cdt`` (default right's dtype).  The keep mask is the shrink's for ``seed``.
     """
-    _check_2d("out", out)
-    _check_2d("left", left, dtype=torch.float32)
-    _check_2d("right", right, contiguous=False, dtype=out.dtype)
+    check_2d("out", out, contiguous=True)
+    check_2d("left", left, contiguous=True, dtype=torch.float32)
+    check_2d("right", right)
     N, K = out.shape
     R = right.shape[0]
     assert right.shape[1] == K and left.shape == (N, R), "shape mismatch between out, left and right"
-    assert 0.0 <= p < 1.0 and 0 <= seed < 2**31
+    check_rank_vectors(E, m, R)
     if N == 0 or K == 0:
         return out
-    cfg = kernel_config(R, out.dtype, reduces_rank=True)
+    cdt = right.dtype if cdt is None else cdt
+    cfg = _config.kernel_config("expand", R, cdt)
     grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(K, cfg.BLOCK_K))
     _rank_expand_kernel[grid](
-        left, right, out, N, K, R, right.stride(0), right.stride(1),
-        int(seed), float(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0.0, DOT_DTYPE=dot_dtype(out.dtype),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
+        left, E, E if m is None else m, right, out, N, K, R, right.stride(0), right.stride(1), E.stride(0),
+        int(m is not None), float(scale), *dropout_args(seed, p),
+        **_dot_args(cdt), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-# --------------------------------------------------------------------------- launchers
-def shrink(x: torch.Tensor, A: torch.Tensor, e: torch.Tensor, scale: float, seed: int = 0,
-           p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, s)``: ``h = dropout(x)·Aᵀ`` and ``s = h·e·scale``, both (N, r) fp32.
-
-    x (N, in) any strides; A (r, in) contiguous, x's dtype; e (r,) fp32 contiguous.
-    ``p`` > 0 drops with the Philox mask of ``seed`` (see ``kernels.dropout``).
-    """
-    _check_2d("x", x, contiguous=False)
-    _check_2d("A", A, dtype=x.dtype)
-    assert e.dim() == 1 and e.is_contiguous() and e.dtype == torch.float32, "e must be a contiguous fp32 vector"
-    N, K = x.shape
-    R = A.shape[0]
-    assert A.shape[1] == K and e.shape[0] == R, "shape mismatch between x, A and e"
-    assert 0.0 <= p < 1.0 and 0 <= seed < 2**31
-    h = torch.empty((N, R), dtype=torch.float32, device=x.device)
-    s = torch.empty((N, R), dtype=torch.float32, device=x.device)
-    if N == 0:
-        return h, s
-    cfg = kernel_config(R, x.dtype)
-    grid = (triton.cdiv(N, cfg.BLOCK_N),)
-    _shrink_kernel[grid](
-        x, A, e, h, s, N, K, R, x.stride(0), x.stride(1),
-        int(seed), float(p), 1.0 / (1.0 - p), float(scale),
-        HAS_DROPOUT=p > 0.0, DOT_DTYPE=dot_dtype(x.dtype),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=cfg.BLOCK_R,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return h, s
+def expand_(y: torch.Tensor, h: torch.Tensor, E: torch.Tensor, m: torch.Tensor | None, B: torch.Tensor,
+            scale: float, cdt: torch.dtype | None = None) -> torch.Tensor:
+    """``y += (h·diag(E·m·scale))·Bᵀ`` in place and return y.  y (N, out) contiguous, the base dtype;
+    h (N, r) fp32 contiguous; B (out, r) any strides, the adapter dtype."""
+    check_2d("B", B)
+    return rank_expand_(y, h, E, m, B.t(), scale, cdt=cdt)
 
 
-def expand_(y: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``y += s·Bᵀ`` in place and return y.  y (N, out) contiguous; s (N, r) fp32 contiguous;
-    B (out, r) contiguous, y's dtype."""
-    _check_2d("B", B, dtype=y.dtype)
-    assert y.dim() == 2 and B.shape[0] == y.shape[1], "shape mismatch between y and B"
-    return rank_expand_(y, s, B.t())
+# --------------------------------------------------------------------------- ahead-of-time compiles
+def aot_configs() -> list[dict]:
+    """Every compile the launchers above can produce for the ``_config.aot_plans()`` dtype plans."""
+    jobs = []
+    for (base, adapter, cdt, ieee), tier, aligned in _config.aot_plans():
+        label = _config.plan_label((base, adapter, cdt, ieee), tier, aligned)
+        dot = dict(CDT=_config.TL_DTYPES[cdt], DOT=_config.TL_DTYPES[cdt], PRECISION=_config.dot_precision(cdt, ieee))
+        cfg = _config.kernel_config("shrink", tier, cdt, ieee)
+        jobs.append(_config.aot_job(
+            _shrink_kernel, label, {"x_ptr": base, "a_ptr": adapter, "h_ptr": torch.float32},
+            {**dot, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_R": cfg.BLOCK_R},
+            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, floats=("keep_scale",), aligned=aligned,
+            unit_strides=("stride_xk", "stride_ak"), aligned_ints=("K", "stride_xn", "stride_ar")))
+        cfg = _config.kernel_config("expand", tier, cdt, ieee)
+        # the forward's expand (right = Bᵀ: unit stride along the rank) and the backward's dx (right = A)
+        for what, unit, ints in (("expand", ("stride_rr", "stride_e"), ("K",)),
+                                 ("grad_x", ("stride_rk", "stride_e"), ("K", "stride_rr"))):
+            jobs.append(_config.aot_job(
+                _rank_expand_kernel, f"{label},{what}",
+                {"left_ptr": torch.float32, "e_ptr": adapter, "m_ptr": adapter, "right_ptr": adapter,
+                 "out_ptr": base},
+                {**dot, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_R": cfg.BLOCK_R},
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, floats=("scale", "keep_scale"),
+                aligned=aligned, unit_strides=unit, aligned_ints=ints))
+    return jobs

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the repository root
 
 from bench import cases  # noqa: E402
-from bench.hbm import hbm_bytes  # noqa: E402
+from bench.hbm import fastadalora_splits, fastadalora_terms, hbm_bytes  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -68,6 +68,18 @@ def test_hbm_analysis_terms():
     for path in ("fastadalora", "peft_adalora"):
         assert b[path]["forward"] > b["bare"]["forward"] and b[path]["backward"] > b["bare"]["backward"]
     assert b["fastadalora"]["forward"] < b["peft_adalora"]["forward"]
+    # bf16 activations, fp32 adapter: h, gs and every partial are counted at fp32
+    n, d_in, d_out, r = 4096, 4096, 4096, 16
+    terms = fastadalora_terms(n, d_in, d_out, r, 2, adapter_elt=4)
+    sp = fastadalora_splits(n, d_in, d_out, r, 2, 4)
+    assert terms["forward"]["shrink"] == n * d_in * 2 + r * d_in * 4 + n * r * 4
+    assert sp["T"] > 1 and sp["S"] > 1 and sp["one_pass"]
+    assert terms["backward"]["gs reduce"] == (sp["T"] + 1) * n * r * 4
+    assert terms["backward"]["grad_g (one pass)"] == (n * d_out * 2 + d_out * r * 4 + n * r * 4 + sp["T"] * n * r * 4
+                                                      + sp["S"] * d_out * r * 4 + sp["S"] * sp["T"] * r * 4)
+    # above the one-pass tier gs comes from a second read of g instead of partials
+    big = fastadalora_terms(n, d_in, d_out, 128, 2)["backward"]
+    assert "gs (shrink kernel)" in big and "gs reduce" not in big
 
 
 def test_quick_summary_writes_csv_and_plot(tmp_path, capsys):

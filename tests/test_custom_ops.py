@@ -1,4 +1,4 @@
-"""The Triton launchers as ``torch.library`` custom ops: schemas, fake kernels, ``torch.compile``.
+"""The Triton path's custom ops: schemas, fake kernels, ``torch.compile``.
 
 ``torch.library.opcheck`` checks each op's schema (declared mutations), its fake implementation
 against the real one (shapes, dtypes, strides), and tracing through AOTAutograd with dynamic
@@ -14,49 +14,52 @@ import torch
 from fastadalora.backends import triton_path
 
 ops = torch.ops.fastadalora
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 N, IN, OUT, R = 37, 61, 45, 5
+PLANS = [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+         (torch.float16, torch.float16, torch.float16), (torch.bfloat16, torch.float32, torch.float32),
+         (torch.bfloat16, torch.float32, torch.bfloat16)]  # (base, adapter, compute)
 
 
-def _tensors(dtype):
-    x = torch.randn(N, IN).to(dtype)
-    A = torch.randn(R, IN).to(dtype)
-    B = torch.randn(OUT, R).to(dtype)
-    e = torch.randn(R)
-    m = (torch.arange(R) % 2).float()
+def _tensors(base, adapter):
+    x = torch.randn(N, IN).to(base)
+    W = torch.randn(OUT, IN).to(base)
+    b = torch.randn(OUT).to(base)
+    A = torch.randn(R, IN).to(adapter)
+    E = torch.randn(R, 1).to(adapter)
+    B = torch.randn(OUT, R).to(adapter)
+    m = (torch.arange(R) % 2).to(adapter)
     h = torch.randn(N, R)
-    g = torch.randn(N, OUT).to(dtype)
-    return x, A, B, e, m, h, g
+    g = torch.randn(N, OUT).to(base)
+    return x, W, b, A, E, B, m, h, g
 
 
-def _cases(dtype):
-    x, A, B, e, m, h, g = _tensors(dtype)
+def _cases(base, adapter, cdt):
+    x, W, b, A, E, B, m, h, g = _tensors(base, adapter)
     return {
-        "shrink": (ops.shrink, (x, A, e, 0.7, 0, 0.0)),
-        "shrink_dropout": (ops.shrink, (x, A, e, 0.7, 1234, 0.25)),
-        "shrink_strided_x": (ops.shrink, (torch.randn(IN, N).to(dtype).t(), A, e, 0.7, 0, 0.0)),
-        "expand_": (ops.expand_, (torch.randn(N, OUT).to(dtype), h, B)),
-        "grad_s": (ops.grad_s, (g, B, h, e, m, 0.7)),
-        "grad_x_": (ops.grad_x_, (torch.randn(N, IN).to(dtype), h, A, 99, 0.5)),
-        "grad_a": (ops.grad_a, (h, x, 99, 0.5)),
-        "grad_b": (ops.grad_b, (g, h, e, 0.7)),
+        "forward": (ops.adapter_forward, (x, W, b, A, E, m, B, 0.7, 0, 0.0, cdt)),
+        "forward_dropout": (ops.adapter_forward, (x, W, None, A, E, None, B, 0.7, 1234, 0.25, cdt)),
+        "forward_strided_x": (ops.adapter_forward, (torch.randn(IN, N).to(base).t(), W, b, A, E, m, B, 0.7, 0, 0.0,
+                                                    cdt)),
+        "backward": (ops.adapter_backward, (g, x, h, W, A, E, m, B, 0.7, 99, 0.5, cdt, True, True, True, True)),
+        "backward_adapter_only": (ops.adapter_backward, (g, x, h, W, A, E, None, B, 0.7, 0, 0.0, cdt, False, True,
+                                                         True, True)),
+        "backward_x_only": (ops.adapter_backward, (g, x, h, W, A, E, None, B, 0.7, 5, 0.1, cdt, True, False, False,
+                                                   False)),
     }
 
 
-CASES = list(_cases(torch.float32))
+CASES = list(_cases(torch.float32, torch.float32, torch.float32))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(str(d).split(".")[-1] for d in p))
 @pytest.mark.parametrize("case", CASES)
-def test_opcheck(case, dtype):
-    op, args = _cases(dtype)[case]
+def test_opcheck(case, plan):
+    op, args = _cases(*plan)[case]
     torch.library.opcheck(op, args)
 
 
-def test_mutating_ops_declare_their_mutation():
-    assert ops.expand_.default._schema.arguments[0].alias_info.is_write
-    assert ops.grad_x_.default._schema.arguments[0].alias_info.is_write
-    for name in ("shrink", "grad_s", "grad_a", "grad_b"):
+def test_ops_declare_no_mutation():
+    for name in ("adapter_forward", "adapter_backward"):
         assert all(a.alias_info is None for a in getattr(ops, name).default._schema.arguments)
 
 
@@ -107,4 +110,4 @@ def test_torch_compile_traces_custom_ops():
     with torch.no_grad():
         torch.compile(_step, fullgraph=True, backend=backend)(x, params["weight"], None, params["A"],
                                                               params["E"], params["B"], mask)
-    assert any("fastadalora.shrink" in t for t in seen) and any("fastadalora.expand_" in t for t in seen)
+    assert any("fastadalora.adapter_forward" in t for t in seen)

@@ -90,6 +90,34 @@ def test_half_base_fp32_adapters_equal_peft(backend, dtype):
         _close(got, want, torch.float32, N * R, name)  # fp32 maths over a half input: fp32 rounding of the sums
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_branch_alone_equals_the_reference(backend, dtype, dropout):
+    """``weight=None`` (a base that computes its own output, e.g. 4-bit): y is the branch alone in the
+    adapter dtype and dx the branch's alone, in x's dtype, on every backend."""
+    from fastadalora.functional import adalora_linear
+
+    x = torch.randn(N, D_IN).to(dtype).requires_grad_()
+    A, E, B = (torch.randn(*shape, requires_grad=True) for shape in ((R, D_IN), (R, 1), (D_OUT, R)))
+    mask, scale, g = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), 0.7, torch.randn(N, D_OUT)
+    torch.manual_seed(3)
+    y = adalora_linear(x, None, None, A, E, B, scale, mask, dropout, backend=backend)
+    torch.manual_seed(3)
+    keep = reference.dropout_keep_mask(x.shape, dropout) if dropout else None
+    xr = x.detach().clone().requires_grad_()
+    Ar, Er, Br = (t.detach().clone().requires_grad_() for t in (A, E, B))
+    y_ref = reference.adapter_linear(xr, None, None, Ar, Er, Br, scale, None, mask, keep, dropout)
+    assert y.dtype == y_ref.dtype == torch.float32 and y.shape == (N, D_OUT)
+    y.backward(g)
+    y_ref.backward(g)
+    assert x.grad.dtype == dtype
+    _close(y, y_ref, torch.float32, D_IN * R, "y")
+    _close(x.grad, xr.grad, dtype, D_OUT * R, "dx")
+    for name, got, want in zip(("dA", "dE", "dB"), (A.grad, E.grad, B.grad), (Ar.grad, Er.grad, Br.grad)):
+        _close(got, want, torch.float32, N * R, name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autocast_runs_the_fused_path_and_is_close_to_peft(backend):
     layer, svd = _pair(torch.float32)

@@ -68,6 +68,7 @@ def test_dropout_mask_same_in_forward_and_backward_and_reproducible():
     torch.manual_seed(7)
     seed = draw_dropout_seed()
     keep = torch_path.keep_mask(x.detach(), seed, p)
+    assert torch.equal(keep, reference.dropout_keep_mask(x.shape, p, seed=seed))  # the one law of every backend
     rate = keep.double().mean().item()
     assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5  # 4 sigma
 

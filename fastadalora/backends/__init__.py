@@ -4,7 +4,7 @@ Every backend module exposes the same entry point::
 
     adapter_linear(x, weight, bias, A, E, B, scale, mask, dropout_p) -> y
 
-* ``x``      (N, in), any strides, dtype equal to the adapter's;
+* ``x``      (N, in), any strides, the base dtype (the adapter may be wider: fp32 on a bf16 base);
 * ``weight`` (out, in) frozen base weight (may be a transposed view, e.g. GPT-2 ``Conv1D``);
 * ``bias``   (out,) or None;
 * ``A`` (r, in), ``E`` (r, 1), ``B`` (out, r): the trainable adapter (lora_A, lora_E, lora_B);
@@ -71,8 +71,8 @@ def resolve_backend(x: torch.Tensor) -> str:
 def draw_dropout_seed() -> int:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it.
 
-    Every backend draws it in forward and regenerates the keep-mask from it in backward.  It fits
-    Philox's 31-bit seed in the Triton kernels.
+    Every backend draws it in forward and regenerates the keep-mask from it in backward
+    (``fastadalora.dropout``: the same mask on every backend).  It is 31-bit, a positive int32.
     """
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 

@@ -1,28 +1,32 @@
-"""The Triton path: the fused adapter op as custom ops over ``fastadalora.kernels`` launchers.
+"""The Triton path: the fused adapter op as two custom ops over ``fastadalora.kernels`` launchers.
 
-The maths for the shared autograd skeleton (``backends._autograd``).  Per forward::
+The maths for the shared autograd skeleton (``backends._autograd``), with ``es = E·mask·scale``::
 
-    y = x·Wᵀ + b                       torch (cuBLAS), the base layer
-    h, s = shrink(x, A, e, scale)      kernel: h = dropout(x)·Aᵀ (N×r fp32), s = h·e·scale
-    expand_(y, s, B)                   kernel: y += s·Bᵀ, in place
+    forward                                      fastadalora::adapter_forward
+      y = x·Wᵀ + b                                 torch (cuBLAS), the base layer, base dtype
+      h = dropout(x)·Aᵀ                            shrink kernel: N×r fp32, saved for backward
+      y += (h·diag(es))·Bᵀ                         rank-expand kernel, in place, one rounding
+    backward                                     fastadalora::adapter_backward
+      dx = g·W                                     torch, then in place:
+      gs = g·B, P = gᵀ·h, dE partials              one pass over g (grad_g kernel)
+      dx += ((gs·diag(es))·A) ⊙ keep/(1-p)          rank-expand kernel with the mask
+      dA = (gs·diag(es))ᵀ·dropout(x)                grad_a kernel (token-split partials)
+      dA, dB = P·diag(es), dE = Σ B⊙P·scale·mask    one reduce kernel, into the parameters' dtypes
 
-with ``e = E·mask``.  Saved for backward: x, h and the dropout seed (an int drawn from torch's
-default CPU generator, so ``torch.manual_seed`` reproduces it), besides the parameters; the keep
-mask is regenerated from the seed in backward, never stored.  Backward::
+The kernels read x/g in the base dtype and A, E, B in the adapter dtype as they are (no host-side
+casts or copies) and round the dots' operands to ``cdt`` inside; fp32 dots follow
+``torch.get_float32_matmul_precision()`` ("highest": exact fp32, else TF32; see ``kernels._config``).
+The dropout keep mask is regenerated from the seed (drawn by the skeleton from torch's default CPU
+generator, so ``torch.manual_seed`` reproduces it), never stored.
 
-    dh, dE = grad_s(g, B, h, e, mask, scale)   kernel: gs = g·B, dh = gs·e·scale, dE partials
-    dx = g·W ; grad_x_(dx, dh, A)              torch base dx, then kernel: dx += (dh·A)⊙keep/(1-p)
-    dA = grad_a(dh, x)                         kernel: dhᵀ·dropout(x)
-    dB = grad_b(g, h, e, scale)                kernel: gᵀ·s
-    dW = gᵀ·x, db = Σ g                        torch, only when required
-
-Each launcher is a ``torch.library.custom_op`` (namespace ``fastadalora``) with a fake
-implementation, so ``torch.compile`` traces the op without graph breaks.
+Each op is a ``torch.library.custom_op`` (namespace ``fastadalora``) with a fake implementation, so
+``torch.compile`` traces it without graph breaks.  Gradients that are not needed come back empty.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,82 +36,53 @@ from ..kernels import adapter_forward as _fwd
 from ..kernels import dropout as _dropout
 from ._autograd import adapter_function
 
+_EMPTY = (0,)
+
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastadalora::shrink", mutates_args=())
-def shrink(x: Tensor, A: Tensor, e: Tensor, scale: float, seed: int, p: float) -> tuple[Tensor, Tensor]:
-    """``(h, s)`` = ``(dropout(x)·Aᵀ, h·e·scale)``, both (N, r) fp32."""
-    return _fwd.shrink(x, A, e, scale, seed, p)
+def _adapter_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, E: Tensor, m: Optional[Tensor],
+                    B: Tensor, scale: float, seed: int, p: float, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(y, h)``: ``y = x·Wᵀ + b + (h·diag(E·m·scale))·Bᵀ`` in x's dtype and ``h = dropout(x)·Aᵀ`` fp32.
+
+    ``weight`` None: ``y`` is the branch alone, in ``cdt`` (expanded into zeros: one rounding)."""
+    y = torch.nn.functional.linear(x, weight, bias) if weight is not None else x.new_zeros((x.shape[0], B.shape[0]),
+                                                                                            dtype=cdt)
+    h = _fwd.shrink(x, A, seed, p, cdt)
+    _fwd.expand_(y, h, E, m, B, scale, cdt)
+    return y, h
 
 
-@shrink.register_fake
-def _(x, A, e, scale, seed, p):
-    shape = (x.shape[0], A.shape[0])
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+adapter_forward = torch.library.custom_op("fastadalora::adapter_forward", mutates_args=())(_adapter_forward)
 
 
-@torch.library.custom_op("fastadalora::expand_", mutates_args=("y",))
-def expand_(y: Tensor, s: Tensor, B: Tensor) -> None:
-    """``y += s·Bᵀ`` in place."""
-    _fwd.expand_(y, s, B)
+@adapter_forward.register_fake
+def _(x, weight, bias, A, E, m, B, scale, seed, p, cdt):
+    y = x.new_empty((x.shape[0], B.shape[0]), dtype=x.dtype if weight is not None else cdt)
+    return y, x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
 
 
-@expand_.register_fake
-def _(y, s, B):
-    return None
+def _adapter_backward(g: Tensor, x: Tensor, h: Tensor, weight: Optional[Tensor], A: Tensor, E: Tensor, m: Optional[Tensor],
+                     B: Tensor, scale: float, seed: int, p: float, cdt: torch.dtype, need_x: bool, need_A: bool,
+                     need_E: bool, need_B: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dA, dE, dB)`` for the output gradient g; an unneeded one is an empty tensor."""
+    dx = None if not need_x else torch.mm(g, weight) if weight is not None else x.new_zeros(x.shape)
+    dA, dE, dB = _bwd.backward(g, x, h, A, E, m, B, scale, seed, p, cdt, dx, need_A, need_E, need_B)
+    return tuple(t if t is not None else ref.new_empty(_EMPTY) for t, ref in ((dx, x), (dA, A), (dE, E), (dB, B)))
 
 
-@torch.library.custom_op("fastadalora::grad_s", mutates_args=())
-def grad_s(g: Tensor, B: Tensor, h: Tensor, e: Tensor, m: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(dh, dE)``: ``(g·B)·e·scale`` (N, r) and ``Σ_n (g·B)·h·scale·m`` (r,), fp32."""
-    return _bwd.grad_s(g, B, h, e, m, scale)
+adapter_backward = torch.library.custom_op("fastadalora::adapter_backward", mutates_args=())(_adapter_backward)
 
 
-@grad_s.register_fake
-def _(g, B, h, e, m, scale):
-    return h.new_empty(h.shape, dtype=torch.float32), h.new_empty((h.shape[1],), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastadalora::grad_x_", mutates_args=("dx",))
-def grad_x_(dx: Tensor, dh: Tensor, A: Tensor, seed: int, p: float) -> None:
-    """``dx += (dh·A) ⊙ keep/(1-p)`` in place."""
-    _bwd.grad_x_(dx, dh, A, seed, p)
-
-
-@grad_x_.register_fake
-def _(dx, dh, A, seed, p):
-    return None
-
-
-@torch.library.custom_op("fastadalora::grad_a", mutates_args=())
-def grad_a(dh: Tensor, x: Tensor, seed: int, p: float) -> Tensor:
-    """``dA = dhᵀ·dropout(x)`` (r, in) in x's dtype."""
-    return _bwd.grad_a(dh, x, seed, p)
-
-
-@grad_a.register_fake
-def _(dh, x, seed, p):
-    return x.new_empty((dh.shape[1], x.shape[1]))
-
-
-@torch.library.custom_op("fastadalora::grad_b", mutates_args=())
-def grad_b(g: Tensor, h: Tensor, e: Tensor, scale: float) -> Tensor:
-    """``dB = gᵀ·(h·e·scale)`` (out, r) in g's dtype."""
-    return _bwd.grad_b(g, h, e, scale)
-
-
-@grad_b.register_fake
-def _(g, h, e, scale):
-    return g.new_empty((g.shape[1], h.shape[1]))
+@adapter_backward.register_fake
+def _(g, x, h, weight, A, E, m, B, scale, seed, p, cdt, need_x, need_A, need_E, need_B):
+    return tuple(ref.new_empty(ref.shape if need else _EMPTY)
+                 for ref, need in ((x, need_x), (A, need_A), (E, need_E), (B, need_B)))
 
 
 # --------------------------------------------------------------------------- maths for the skeleton
-
-def _rank_vectors(E: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(e, m)``: ``e = E·mask`` and the mask itself (ones when None), contiguous fp32 (r,)."""
-    e = E.reshape(-1).to(torch.float32)
-    m = torch.ones_like(e) if mask is None else mask.reshape(-1).to(torch.float32)
-    return (e * m).contiguous(), m.contiguous()
+def _mask_vector(E: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The rank mask as the kernels read it: (r,) contiguous in E's dtype (as the reference multiplies)."""
+    return None if mask is None else mask.reshape(-1).to(E.dtype).contiguous()
 
 
 def keep_mask(x: Tensor, seed: int, p: float) -> Tensor:
@@ -115,40 +90,14 @@ def keep_mask(x: Tensor, seed: int, p: float) -> Tensor:
 
 
 def forward(x, weight, bias, A, E, B, mask, scale: float, seed: int, p: float, cdt: torch.dtype):
-    A, B = A.to(cdt).contiguous(), B.to(cdt).contiguous()
-    e, _ = _rank_vectors(E, mask)
-    y = torch.nn.functional.linear(x, weight, bias).contiguous()
-    h, s = shrink(x.to(cdt), A, e, scale, seed, p)
-    if y.dtype == cdt:
-        expand_(y, s, B)
-    else:
-        y.add_(torch.mm(s.to(cdt), B.t()))
-    return y, h
+    return adapter_forward(x, weight, bias, A, E, _mask_vector(E, mask), B, scale, seed, p, cdt)
 
 
 def backward(g, x, h, weight, A, E, B, mask, scale: float, seed: int, p: float, needs, cdt: torch.dtype):
-    need_x, need_A, need_E, need_B = needs
-    Ac, Bc = A.to(cdt).contiguous(), B.to(cdt).contiguous()
-    gc = g.to(cdt)
-    e, m = _rank_vectors(E, mask)
-    dx = dA = dE = dB = None
-    if need_x or need_A or need_E:
-        dh, dE_full = grad_s(gc, Bc, h, e, m, scale)
-        if need_x:
-            dx = torch.mm(g, weight).contiguous()
-            if dx.dtype == cdt:
-                grad_x_(dx, dh, Ac, seed, p)
-            else:
-                dxa = torch.zeros(dx.shape, dtype=cdt, device=dx.device)
-                grad_x_(dxa, dh, Ac, seed, p)
-                dx.add_(dxa)
-        if need_A:
-            dA = grad_a(dh, x.to(cdt), seed, p).to(A.dtype)
-        if need_E:
-            dE = dE_full.to(E.dtype).view_as(E)
-    if need_B:
-        dB = grad_b(gc, h, e, scale).to(B.dtype)
-    return dx, dA, dE, dB
+    need_x, need_A, need_E, need_B = (bool(n) for n in needs)
+    grads = adapter_backward(g, x, h, weight, A, E, _mask_vector(E, mask), B, scale, seed, p, cdt,
+                             need_x, need_A, need_E, need_B)
+    return tuple(t if need else None for t, need in zip(grads, (need_x, need_A, need_E, need_B)))
 
 
 AdapterLinearFunction = adapter_function(sys.modules[__name__], "Triton")  # this module is the ops
