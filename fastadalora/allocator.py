@@ -465,6 +465,11 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ patterns
     @property
+    def final_pattern_fixed(self) -> bool:
+        """Whether the final phase's pattern is fixed (reached ``total_step - tfinal``, or set with ``final=True``)."""
+        return self._final_keep is not None
+
+    @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
         """``{"<path>.lora_E": [kept?] * r}`` from the latest mask; None before the first one (a host sync)."""
         if self._keep is None:

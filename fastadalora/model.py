@@ -561,7 +561,7 @@ class AdaLoraModel(nn.Module):
                                       "are built for the parameters' shapes; compact in one process (e.g. after "
                                       "training, before export) or keep the masked ranks")
         masks = self.live_masks()
-        final = self.allocator is not None and self.allocator._final_keep is not None
+        final = self.allocator is not None and self.allocator.final_pattern_fixed
         dropped = compact_layers(self.adapter_layers(), masks, optimizer)
         if dropped and self.allocator is not None:
             self.allocator.refresh()

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import inspect
+import types
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,14 @@ def test_callback_unwraps_wrappers_and_rejects_a_non_adalora_model():
     cb = fastadalora.AdaLoraCallback()
     cb.on_optimizer_step(TrainingArguments(output_dir="unused", report_to=[]), state, TrainerControl(), model=wrapper)
     assert seen == [3]
+    skipped = types.SimpleNamespace(step_was_skipped=True)  # accelerate's optimizer after a GradScaler overflow
+    cb.on_optimizer_step(TrainingArguments(output_dir="unused", report_to=[]), state, TrainerControl(), model=wrapper,
+                         optimizer=skipped)
+    assert seen == [3]  # the allocator skips the step the optimizer skipped
+    taken = types.SimpleNamespace(step_was_skipped=False)
+    cb.on_optimizer_step(TrainingArguments(output_dir="unused", report_to=[]), state, TrainerControl(), model=wrapper,
+                         optimizer=taken)
+    assert seen == [3, 3]
     with pytest.raises(TypeError, match="not a fastadalora.AdaLoraModel"):
         cb.on_optimizer_step(TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl(),
                              model=nn.Linear(2, 2))

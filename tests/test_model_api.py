@@ -51,6 +51,28 @@ def test_disable_adapter_runs_the_base_model():
         torch.testing.assert_close(_logits(model), off, rtol=1e-5, atol=1e-6)
 
 
+def test_generate_goes_through_the_adapters_and_equals_the_merged_model():
+    """``model.generate`` (through attribute fall-through) runs the adapted layers, as PEFT's does."""
+    from support import lm_batch, tiny_gpt2_lm
+
+    cfg = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=10, target_modules=["c_attn"],
+                        init_lora_weights=False)  # B ≠ 0 from the start, so the adapter changes the output
+    model = fastadalora.get_peft_model(tiny_gpt2_lm(), cfg).eval()
+    ids = lm_batch()["input_ids"][:2, :4]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base)  # the adapter changes what generate sees
+    res = model.generate(input_ids=ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+    torch.testing.assert_close(res.logits[0], adapted[:, -1], rtol=1e-5, atol=1e-5)  # the adapted model's logits
+    out = res.sequences
+    assert out.shape == (2, 9) and out[:, :4].equal(ids)
+    merged = copy.deepcopy(model).merge_and_unload()  # ΔW folded into the base: the same greedy tokens
+    assert merged.generate(input_ids=ids, **kwargs).equal(out)
+
+
 def test_merge_unmerge_and_unload():
     model = _model(steps=4)
     on, weights = _logits(model), _base_weights(model)

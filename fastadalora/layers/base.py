@@ -16,7 +16,21 @@ from torch import nn
 from .. import peft_math
 
 
-class InferenceAdapter(nn.Module):
+class _Triplets:
+    """What an adapter's ``lora_A`` / ``scaling`` / ``ranknum`` give: its rank and its one scale factor."""
+
+    @property
+    def r(self) -> int:
+        """The number of triplets held now (``init_r``, or fewer after ``resize_rank``)."""
+        return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """The one factor the fused paths multiply by: ``scaling / (ranknum + 1e-5)``."""
+        return peft_math.adapter_scale(self.scaling, self.ranknum)
+
+
+class InferenceAdapter(_Triplets, nn.Module):
     """A further, frozen adapter of a layer, loaded for inference (``AdaLoraModel.load_adapter``)."""
 
     def __init__(self, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scaling: float, ranknum: float,
@@ -32,16 +46,8 @@ class InferenceAdapter(nn.Module):
     def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_E, self.lora_B
 
-    @property
-    def r(self) -> int:
-        return self.lora_A.shape[0]
 
-    @property
-    def scale(self) -> float:
-        return peft_math.adapter_scale(self.scaling, self.ranknum)
-
-
-class AdapterLayer(nn.Module):
+class AdapterLayer(_Triplets, nn.Module):
     """The SVD-form adapter ``P·diag(Λ)·Q`` over a frozen base layer (subclasses supply the forward).
 
     Args:
@@ -124,16 +130,6 @@ class AdapterLayer(nn.Module):
         return f"{type(self).__name__}({self.name})" if self.name else type(self).__name__
 
     # ------------------------------------------------------------------ the adapter
-    @property
-    def r(self) -> int:
-        """The number of triplets held now (``init_r``, or fewer after ``resize_rank``)."""
-        return self.lora_A.shape[0]
-
-    @property
-    def scale(self) -> float:
-        """The one factor the fused paths multiply by: ``scaling / (ranknum + 1e-5)``."""
-        return peft_math.adapter_scale(self.scaling, self.ranknum)
-
     def adapter_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(lora_A, lora_E, lora_B)``, read straight from the Parameter dict (the allocator's hot path)."""
         params = self._parameters
@@ -162,6 +158,42 @@ class AdapterLayer(nn.Module):
             return (*self.adapter_params(), self.scale)
         extra = self.inference_adapter(self.active_adapter)
         return None if extra is None else (*extra.adapter_params(), extra.scale)
+
+    def _check_features(self, x: torch.Tensor) -> None:
+        """x shaped (..., in_features), or an error with the expected shape."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.where}: expected input of shape (..., {self.in_features}) (in_features={self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _check_device(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """x (and the base ``weight``, when given) on the adapter's device, or an error naming all three."""
+        if x.device != self.lora_A.device or (weight is not None and weight.device != self.lora_A.device):
+            base = "" if weight is None else f", the base weight on {weight.device}"
+            raise RuntimeError(
+                f"{self.where}: input is on {x.device}{base} and the adapter (lora_A/lora_E/lora_B) is on "
+                f"{self.lora_A.device}; move the input or call .to({x.device}) on the model"
+            )
+
+    def _check_dtype(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """x in the base weight's dtype, unless autocast casts both."""
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self.where}: input dtype {x.dtype} does not match the base layer's dtype {weight.dtype} (the adapter is "
+                f"{self.lora_A.dtype}); cast the input to {weight.dtype} or use torch.autocast"
+            )
+
+    def branch_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        """``(A, E, B, scale)`` for this forward, after checking ``x`` (``_check_input``); None when the
+        base layer alone answers: adapters disabled or merged, no such adapter here, or every triplet pruned."""
+        if self.base_only():
+            return None
+        A, E, B, scale = self.active_factors()
+        if A.shape[0] == 0:
+            return None
+        self._check_input(x)
+        return A, E, B, scale
 
     def current_rank(self) -> int:
         """Triplets whose singular value is not masked to zero (reads E: a host sync)."""

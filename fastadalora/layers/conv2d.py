@@ -60,28 +60,18 @@ class AdaLoraConv2d(AdapterLayer):
             raise ValueError(f"{self.where}: expected input of shape (N, {channels}, H, W) or ({channels}, H, W) "
                              f"(in_channels={channels}), got {tuple(x.shape)}")
         weight = self.base_layer.weight
-        if x.device != self.lora_A.device or weight.device != self.lora_A.device:
-            raise RuntimeError(
-                f"{self.where}: input is on {x.device}, the base weight on {weight.device} and the adapter "
-                f"(lora_A/lora_E/lora_B) is on {self.lora_A.device}; move the input or call .to({x.device}) on the model"
-            )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"{self.where}: input dtype {x.dtype} does not match the base layer's dtype {weight.dtype} (the adapter is "
-                f"{self.lora_A.dtype}); cast the input to {weight.dtype} or use torch.autocast"
-            )
+        self._check_device(x, weight)
+        self._check_dtype(x, weight)
 
     def _plain_conv(self) -> bool:
         """True when the base layer computes ``nn.Conv2d``'s own forward (so a merged weight can replace W0)."""
         return type(self.base_layer).forward is nn.Conv2d.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_only():
+        factors = self.branch_factors(x)
+        if factors is None:
             return self.base_layer(x)
-        A, E, B, scale = self.active_factors()
-        if A.shape[0] == 0:  # every triplet pruned away
-            return self.base_layer(x)
-        self._check_input(x)
+        A, E, B, scale = factors
         base = self.base_layer
         r = A.shape[0]
         p = self.lora_dropout if self.training else 0.0

@@ -59,11 +59,7 @@ class AdaLoraEmbedding(AdapterLayer):
         if x.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{self.where}: expected integer indices (int64 or int32), got {x.dtype}")
         weight = self.base_layer.weight
-        if x.device != self.lora_A.device or weight.device != self.lora_A.device:
-            raise RuntimeError(
-                f"{self.where}: input is on {x.device}, the base weight on {weight.device} and the adapter "
-                f"(lora_A/lora_E/lora_B) is on {self.lora_A.device}; move the input or call .to({x.device}) on the model"
-            )
+        self._check_device(x, weight)
 
     def _embed_scale(self) -> torch.Tensor | float | None:
         """The base layer's scalar ``embed_scale`` (PEFT's ``_get_embed_scale``), or None."""
@@ -75,12 +71,10 @@ class AdaLoraEmbedding(AdapterLayer):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_only():
+        factors = self.branch_factors(x)
+        if factors is None:
             return self.base_layer(x)
-        A, E, B, scale = self.active_factors()
-        if A.shape[0] == 0:  # every triplet pruned away
-            return self.base_layer(x)
-        self._check_input(x)
+        A, E, B, scale = factors
         result = self.base_layer(x)
         base = self.base_layer
         # Aᵀ[x]: (..., r), looked up as the base layer looks up its own rows

@@ -41,23 +41,10 @@ class AdaLoraLinear(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
-        where = self.where
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{where}: expected input of shape (..., {self.in_features}) (in_features={self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
+        self._check_features(x)
         weight = self.base_layer.weight
-        if x.device != self.lora_A.device or weight.device != self.lora_A.device:
-            raise RuntimeError(
-                f"{where}: input is on {x.device}, the base weight on {weight.device} and the adapter "
-                f"(lora_A/lora_E/lora_B) is on {self.lora_A.device}; move the input or call .to({x.device}) on the model"
-            )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"{where}: input dtype {x.dtype} does not match the base layer's dtype {weight.dtype} (the adapter is "
-                f"{self.lora_A.dtype}); cast the input to {weight.dtype} or use torch.autocast"
-            )
+        self._check_device(x, weight)
+        self._check_dtype(x, weight)
 
     def _base_weight(self) -> torch.Tensor:
         """The base weight as (out, in): a transposed view for Conv1D."""
@@ -65,10 +52,10 @@ class AdaLoraLinear(AdapterLayer):
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_only():
+        factors = self.branch_factors(x)
+        if factors is None:
             return self.base_layer(x)
-        self._check_input(x)
-        A, E, B, scale = self.active_factors()
+        A, E, B, scale = factors
         p = self.lora_dropout if self.training else 0.0
         return adalora_linear(x, self._base_weight(), self.base_layer.bias, A, E, B, scale, None, p)
 

@@ -55,26 +55,16 @@ class _QuantizedLinear(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{self.where}: expected input of shape (..., {self.in_features}) (in_features={self.in_features}), "
-                f"got {tuple(x.shape)}"
-            )
-        if x.device != self.lora_A.device:
-            raise RuntimeError(
-                f"{self.where}: input is on {x.device} and the adapter (lora_A/lora_E/lora_B) is on "
-                f"{self.lora_A.device}; move the input or call .to({x.device}) on the model"
-            )
+        self._check_features(x)
+        self._check_device(x)
         if not x.dtype.is_floating_point:
             raise TypeError(f"{self.where}: expected a floating-point input, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_only():
+        factors = self.branch_factors(x)
+        if factors is None:
             return self.base_layer(x)
-        A, E, B, scale = self.active_factors()
-        if A.shape[0] == 0:  # every triplet pruned away
-            return self.base_layer(x)
-        self._check_input(x)
+        A, E, B, scale = factors
         result = self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
         branch = adalora_linear(x, None, None, A, E, B, scale, None, p)
