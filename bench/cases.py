@@ -205,9 +205,11 @@ def peft_orth_reg(peft_model, adapter_name: str = "default") -> torch.Tensor:
 
 
 def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
-                       device: torch.device, seed: int = 0, autocast: torch.dtype | None = None) -> dict:
+                       device: torch.device, seed: int = 0, autocast: torch.dtype | None = None,
+                       quantize: str | None = None) -> dict:
     """A BERT-style classifier (``kind="bert"``) or a GPT-2-style LM (``kind="gpt2"``), three ways:
-    fastadalora, PEFT AdaLoRA and PEFT LoRA (r = init_r), each with its own AdamW.
+    fastadalora, PEFT AdaLoRA and PEFT LoRA (r = init_r), each with its own AdamW.  ``quantize="nf4"``
+    (BERT): every targeted linear becomes a bitsandbytes ``Linear4bit`` (bf16 compute), as in QLoRA.
 
     Returns ``{name: step_callable}`` plus ``"batch"``; each callable runs one full training step.
     """
@@ -240,6 +242,16 @@ def setup_train_models(kind: str, num_layers: int, hidden: int, init_r: int, bat
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     base = base.to(device)
+    if quantize:
+        if kind != "bert":
+            raise ValueError("quantize: the BERT-style model only")
+        from .layer_kinds import linear4bit_from
+
+        for name, mod in list(base.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+                parent, _, child = name.rpartition(".")
+                setattr(base.get_submodule(parent), child, linear4bit_from(mod, quantize, torch.bfloat16, device))
+        base.is_loaded_in_4bit = True
     ids = torch.randint(1, vocab, (batch, seq))
     batch_d = {"input_ids": ids.to(device), "labels": (ids if labels is None else labels).to(device)}
 
@@ -352,9 +364,9 @@ def memory_case(n: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, devic
 
 def allocator_case(num_layers: int, hidden: int, init_r: int, device: torch.device, repeats: int = 10,
                    warmup: int = 2) -> list[dict]:
-    """Two rows: gradients from a loss with the orthogonal term (PEFT's default 0.5: autograd sums its
-    A/B gradients outside our flat gradient buffer, so they are gathered) and without it (the
-    layers' gradients land in the flat buffer: nothing to gather)."""
+    """Two rows: gradients from a loss with the orthogonal term (PEFT's default 0.5) and without it.
+    Both sides read the same separate Parameters and ``.grad``s; ours gathers them into chunk
+    buffers (one ``cat`` per shape group), PEFT loops over them."""
     rows = []
     for orth in (0.5, 0.0):
         s = setup_deep_models(num_layers, hidden, init_r, device, orth_reg_weight=orth)
@@ -404,12 +416,13 @@ def orth_case(num_layers: int, hidden: int, init_r: int, device: torch.device, r
 
 def train_step_case(kind: str, num_layers: int, hidden: int, init_r: int, batch: int, seq: int,
                     device: torch.device, repeats: int = 6, warmup: int = 1,
-                    autocast: torch.dtype | None = None) -> list[dict]:
-    s = setup_train_models(kind, num_layers, hidden, init_r, batch, seq, device, autocast=autocast)
+                    autocast: torch.dtype | None = None, quantize: str | None = None) -> list[dict]:
+    s = setup_train_models(kind, num_layers, hidden, init_r, batch, seq, device, autocast=autocast, quantize=quantize)
     t = interleaved({k: s[k] for k in ("ours", "peft_adalora", "peft_lora")}, device, repeats=repeats, warmup=warmup)
     return [{
         "case": "train_step", "mode": f"{kind}: fwd+bwd+AdamW+allocate" + (f", autocast {_dtype_name(autocast)}"
-                                                                          if autocast else ""),
+                                                                          if autocast else "")
+        + (f", {quantize} base" if quantize else ""),
         "shape": f"{num_layers} layers, hidden {hidden}, batch {batch}x{seq}, init_r={init_r}",
         "dtype": "float32", "device": device.type, "unit": "s", "ours": t["ours"], "peft_adalora": t["peft_adalora"],
         "peft_lora": t["peft_lora"], "ratio_vs_adalora": ratio(t["ours"], t["peft_adalora"]),
@@ -498,6 +511,8 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
             ("orth_case", dict(num_layers=2, hidden=32, init_r=4, repeats=3, warmup=1)),
             ("train_step_case", dict(kind="bert", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
             ("train_step_case", dict(kind="gpt2", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2)),
+            ("train_step_case", dict(kind="bert", num_layers=1, hidden=32, init_r=4, batch=2, seq=8, repeats=2,
+                                     quantize="nf4")),
             ("layer_case", dict(n=64, d_in=32, d_out=48, r=4, dtype=f32, modes=("full",), repeats=2, warmup=1,
                                 autocast=bf16)),
             ("compaction_case", dict(init_r=4, target_r=2, num_layers=1, hidden=32, batch=2, seq=8, repeats=2)),
@@ -539,6 +554,7 @@ def plan(device: torch.device, quick: bool = False) -> list[tuple[str, dict]]:
         ("train_step_case", dict(kind="bert", **train)),
         ("train_step_case", dict(kind="gpt2", **train)),
         ("train_step_case", dict(kind="bert", **train, autocast=bf16)),
+        ("train_step_case", dict(kind="bert", **train, quantize="nf4")),
         ("compaction_case", dict(init_r=12, target_r=4)),
         ("compaction_case", dict(init_r=64, target_r=16)),
     ]

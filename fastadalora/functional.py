@@ -50,8 +50,7 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p)
         else:  # autocast: cast what autocast would cast, then run the fused op with autocast off
             device_type = x.device.type
-            x2d = x2d.to(cdt)
-            weight = None if weight is None else weight.to(cdt)
+            x2d = x2d.to(cdt)  # the weight is cast by the backend, in forward and again in backward (not saved)
             bias = None if bias is None else bias.to(cdt)
             with torch.autocast(device_type, enabled=False):
                 y = get_backend(backend).adapter_linear(x2d, weight, bias, A, E, B, scale, mask, dropout_p, cdt)

@@ -11,7 +11,10 @@ Precision contract (what PEFT's ``SVDLinear`` computes):
 * ``weight`` None (and ``bias`` None) means "the branch alone": ``y`` is the adapter output, in
   ``cdt``, and the caller adds it to a base output it computed itself (a quantized base layer), so
   the sum is rounded once.
-* ``x``, ``weight``, ``bias`` share the base dtype; ``A``, ``E``, ``B`` have the adapter dtype
+* ``x`` and ``bias`` have the base dtype; ``weight`` has it too, or is wider (an fp32 base under
+  autocast): the skeleton then casts it to x's dtype for the base GEMM in forward and again in
+  backward, and saves the weight itself, so no cast copy of the frozen weight lives from forward to
+  backward (``nn.Linear`` under autocast keeps one per layer); ``A``, ``E``, ``B`` have the adapter dtype
   (fp32 on a bf16/fp16 base by default); ``cdt`` is the dtype of the adapter GEMMs' operands:
   the adapter dtype, or the autocast dtype under ``torch.autocast``.  Accumulation is fp32 (or
   wider).
@@ -38,9 +41,14 @@ import torch.nn.functional as F
 from . import draw_dropout_seed
 
 
+def _as_base(weight, x):
+    """The base weight in x's dtype (a cast copy only when it is wider: an fp32 base under autocast)."""
+    return weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
+
+
 def _forward(ops, ctx, x, weight, bias, A, E, B, mask, scale: float, dropout_p: float, cdt: torch.dtype):
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    y, h = ops.forward(x, weight, bias, A, E, B, mask, scale, seed, dropout_p, cdt)
+    y, h = ops.forward(x, _as_base(weight, x), bias, A, E, B, mask, scale, seed, dropout_p, cdt)
     ctx.save_for_backward(x, h, weight, A, E, B, mask)
     ctx.ops, ctx.seed, ctx.scale, ctx.dropout_p, ctx.has_bias, ctx.cdt = ops, seed, scale, dropout_p, bias is not None, cdt
     return y
@@ -51,7 +59,8 @@ def _backward(ctx, g):
     need_x, need_w, need_b, need_A, need_E, need_B = ctx.needs_input_grad[:6]
     if torch.is_grad_enabled():  # backward(create_graph=True): a differentiable backward
         return (*_grads_of_formula(ctx, g, x, weight, A, E, B, mask), None, None, None, None)
-    dx, dA, dE, dB = ctx.ops.backward(g, x, h, weight, A, E, B, mask, ctx.scale, ctx.seed, ctx.dropout_p,
+    dx, dA, dE, dB = ctx.ops.backward(g, x, h, _as_base(weight, x) if need_x else weight, A, E, B, mask, ctx.scale,
+                                      ctx.seed, ctx.dropout_p,
                                       (need_x, need_A, need_E, need_B), ctx.cdt)
     dW = torch.mm(g.t(), x) if need_w else None
     db = g.sum(0) if need_b and ctx.has_bias else None
@@ -71,7 +80,7 @@ def _grads_of_formula(ctx, g, x, weight, A, E, B, mask):
             xd = xd * ctx.ops.keep_mask(x, ctx.seed, ctx.dropout_p).to(cdt) / (1.0 - ctx.dropout_p)
         e = E.reshape(-1) if mask is None else E.reshape(-1) * mask.to(E.dtype)
         branch = ((xd @ A.to(cdt).t()) * e.to(cdt)) @ B.to(cdt).t() * ctx.scale
-        y = branch if weight is None else F.linear(x, weight) + branch.to(x.dtype)
+        y = branch if weight is None else F.linear(x, _as_base(weight, x)) + branch.to(x.dtype)
         grads = torch.autograd.grad(y, [saved[i] for i in wanted], g, create_graph=True, allow_unused=True) \
             if wanted else ()
         if needs[2] and ctx.has_bias:
