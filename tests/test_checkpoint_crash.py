@@ -504,12 +504,29 @@ def _layout_keys(refs, tmp):
     return set(_normalized(d))
 
 
-def test_two_threads_saving_into_one_directory(tmp_path, refs):
+def _race_rounds(tmp_path, refs, race, rounds: int = 30) -> None:
+    """``race(d)`` saves old and new concurrently into ``d``; after every round ``d`` holds one of the two
+    whole, with nothing left over; finally it loads."""
     a, b = refs["old"], refs["new"]
     d = tmp_path / "ckpt"
     expected = _layout_keys(refs, tmp_path)
-    rounds, mixed, leftovers = 30, [], []
+    mixed, leftovers = [], []
     for round_ in range(rounds):
+        race(d)
+        if pair(d) not in (a.pair, b.pair):
+            mixed.append(round_)
+        if set(_normalized(d)) != expected:
+            leftovers.append(sorted(set(_normalized(d)) - expected))
+    assert not mixed, f"{len(mixed)} of {rounds} rounds left a mixed checkpoint"
+    assert not leftovers, leftovers
+    assert_clean_layout(d)
+    _loads(d, a.tensors if pair(d) == a.pair else b.tensors)
+
+
+def test_two_threads_saving_into_one_directory(tmp_path, refs):
+    a, b = refs["old"], refs["new"]
+
+    def race(d):
         barrier, errors = threading.Barrier(2, timeout=60), []
 
         def save(r):
@@ -526,32 +543,18 @@ def test_two_threads_saving_into_one_directory(tmp_path, refs):
             for t in threads:
                 t.join(timeout=120)
         assert not any(t.is_alive() for t in threads) and not errors, errors
-        if pair(d) not in (a.pair, b.pair):
-            mixed.append(round_)
-        if set(_normalized(d)) != expected:
-            leftovers.append(sorted(set(_normalized(d)) - expected))
-    assert not mixed, f"{len(mixed)} of {rounds} rounds left a mixed checkpoint"
-    assert not leftovers, leftovers
-    assert_clean_layout(d)
-    _loads(d, a.tensors if pair(d) == a.pair else b.tensors)
+
+    _race_rounds(tmp_path, refs, race)
 
 
 def test_two_processes_saving_into_one_directory(tmp_path, refs, worker):
     a, b = refs["old"], refs["new"]
-    d = tmp_path / "ckpt"
-    expected = _layout_keys(refs, tmp_path)
-    rounds, mixed, leftovers = 30, [], []
-    for round_ in range(rounds):
+
+    def race(d):
         res = worker(cmd="race", dir=str(d), refs=[a.prefix, b.prefix], delay=0.002, saves=1, timeout=120)
         assert all(r["code"] == 0 for r in res["results"]), (res, worker._stderr())
-        if pair(d) not in (a.pair, b.pair):
-            mixed.append(round_)
-        if set(_normalized(d)) != expected:
-            leftovers.append(sorted(set(_normalized(d)) - expected))
-    assert not mixed, f"{len(mixed)} of {rounds} rounds left a mixed checkpoint"
-    assert not leftovers, leftovers
-    assert_clean_layout(d)
-    _loads(d, a.tensors if pair(d) == a.pair else b.tensors)
+
+    _race_rounds(tmp_path, refs, race)
 
 
 # --------------------------------------------------------------------------- fallbacks
