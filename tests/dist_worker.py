@@ -88,21 +88,31 @@ def full_trainable(model) -> dict:
 
 
 def wrap(model, mode: str):
-    """``(module to call, AdaLoraModel)``: DDP over the AdaLoraModel or over its .model, or FSDP2."""
+    """``(module to call, AdaLoraModel)``: DDP over the AdaLoraModel or over its .model, FSDP2, or HSDP
+    (``hsdp-RxS``: FSDP2 on a 2-D mesh, R replicas of S shards, ``(Replicate(), Shard(0))`` placements)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if mode == "ddp":
         return DDP(model), model
     if mode == "ddp-inner":
         return DDP(model.model), model
-    if mode == "fsdp":
+    if mode == "fsdp" or mode.startswith("hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        if mode == "fsdp":
+            mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        else:
+            replicas, shards = map(int, mode.split("-")[1].split("x"))
+            mesh = init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("replicate", "shard"))
         for block in blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if mode.startswith("hsdp"):
+            from torch.distributed.tensor import Replicate, Shard
+
+            placements = {tuple(p.placements) for p in model.parameters() if p.requires_grad}
+            assert placements == {(Replicate(), Shard(0))}, placements
         return model, model
     return model, model
 
@@ -173,7 +183,10 @@ def scenario(name: str, rank: int, world: int, out: str) -> dict:
         return run(kind, "ddp-inner", rank, world)
     if name in ("fsdp-bert", "fsdp-gpt2"):
         return run(kind, "fsdp", rank, world, save_at=(7, 13), ckpt_dir=out,
-                   save_adapter=os.path.join(out, f"adapter-{kind}"))
+                   save_adapter=os.path.join(out, f"adapter-{name}"))
+    if name.startswith("hsdp-"):  # hsdp-1x2-bert: the shard dimension is the mesh's second
+        mode = name.rsplit("-", 1)[0]
+        return run(kind, mode, rank, world, save_adapter=os.path.join(out, f"adapter-{name}"))
     if name.startswith("fsdp-resume"):  # fsdp-resume-bert-7
         at = int(name.rsplit("-", 1)[1])
         return run(kind, "fsdp", rank, world, start=at, resume=os.path.join(out, f"{kind}-step{at}.pt"))

@@ -30,8 +30,9 @@ import dist_worker as W
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 HERE = Path(__file__).parent
-TRAIN_SCENARIOS = ["ddp-bert", "ddp-inner-bert", "ddp-gpt2", "ddp-inner-gpt2", "fsdp-bert", "fsdp-gpt2", "mismatch",
-                   "diverge", "one-rank-fsdp", "one-rank"]  # one-rank last: rank 1 never makes the side group
+HSDP_SCENARIOS = ["hsdp-1x2-bert", "hsdp-2x1-bert", "hsdp-1x2-gpt2"]
+TRAIN_SCENARIOS = ["ddp-bert", "ddp-inner-bert", "ddp-gpt2", "ddp-inner-gpt2", "fsdp-bert", "fsdp-gpt2", *HSDP_SCENARIOS,
+                   "mismatch", "diverge", "one-rank-fsdp", "one-rank"]  # one-rank last: rank 1 never makes the side group
 RESUME_AT = (7, 13)  # the budgeting phase; the fixed phase (the final mask is at step 12)
 TIMEOUT = 240
 
@@ -117,8 +118,9 @@ def _compare_with_single(ranks: list[dict], ref: dict) -> None:
             _close(r["mid_allocator"][k], ref["mid_allocator"][k], k)
         _close(r["logits"], ref["logits"], "logits")
     for key, value in ranks[0]["mid_allocator"].items():  # identical EMAs and masks on every rank
-        other = ranks[1]["mid_allocator"][key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+        for r in ranks[1:]:
+            other = r["mid_allocator"][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
 
 
 @pytest.mark.parametrize("name", ["ddp-bert", "ddp-inner-bert", "ddp-gpt2", "ddp-inner-gpt2"])
@@ -137,17 +139,35 @@ def test_fsdp2_two_ranks_match_one_process(runs, single, name):
     _compare_with_single(_results(runs, name), single["gpt2" if "gpt2" in name else "bert"])
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_save_on_sharded_model_loads_in_one_process(runs, kind):
-    rank0 = _results(runs, f"fsdp-{kind}")[0]
+@pytest.mark.parametrize("name", HSDP_SCENARIOS)
+def test_hsdp_two_ranks_match_one_process(runs, single, name):
+    """FSDP2 on a 2-D ("replicate", "shard") mesh: 1x2 shards over the mesh's second dimension, 2x1
+    replicates whole parameters (placements ``(Replicate(), Shard(0))`` on a shard dimension of size 1)."""
+    _compare_with_single(_results(runs, name), single["gpt2" if "gpt2" in name else "bert"])
+
+
+def test_hsdp_2x2_on_four_ranks_matches_one_process(tmp_path):
+    """Both mesh dimensions above 1: two replicas, each sharded over 2 ranks (4 processes, 2 rows each)."""
+    _launch(tmp_path, ["hsdp-2x2-bert"], world=4)
+    ranks = _results(tmp_path, "hsdp-2x2-bert", world=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = W.run("bert", "single", world=4)
+    _compare_with_single(ranks, ref)
+
+
+@pytest.mark.parametrize("name", ["fsdp-bert", "fsdp-gpt2", *HSDP_SCENARIOS])
+def test_save_on_sharded_model_loads_in_one_process(runs, name):
+    kind = "gpt2" if "gpt2" in name else "bert"
+    rank0 = _results(runs, name)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = (W.tiny_bert if kind == "bert" else W.tiny_gpt2_lm)(seed=0, dtype=torch.float64)  # the same base
-        loaded = fastadalora.AdaLoraModel.from_pretrained(base, runs / f"adapter-{kind}")
+        loaded = fastadalora.AdaLoraModel.from_pretrained(base, runs / f"adapter-{name}")
     with torch.no_grad():
         logits = loaded(**W.eval_batch(kind)).logits
     assert torch.allclose(logits, rank0["logits"], rtol=0, atol=1e-12), float((logits - rank0["logits"]).abs().max())
-    pattern = json.loads((runs / f"adapter-{kind}" / "adapter_config.json").read_text())["rank_pattern"]
+    pattern = json.loads((runs / f"adapter-{name}" / "adapter_config.json").read_text())["rank_pattern"]
     assert [f for k in sorted(pattern) for f in pattern[k]] == rank0["patterns"][-1]
     assert sum(layer.r for layer in loaded.adapter_layers().values()) == sum(rank0["patterns"][-1])  # resized
 
