@@ -86,6 +86,19 @@ def batches(n: int, kind: str = "cls", seed: int = 0, **kwargs) -> list[dict]:
     return [make(seed=seed + i, **kwargs) for i in range(n)]
 
 
+class RowsDataset(torch.utils.data.Dataset):
+    """A list of ready examples (dicts of tensors) as a ``Dataset``, for ``transformers.Trainer``."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
 # --------------------------------------------------------------------------- training loop
 def train(model, batch_list, allocate=None, lr: float = 0.05, optimizer: str = "adamw", start: int = 0):
     """A plain loop: forward (``.loss``), backward, step, ``allocate(step)``, ``zero_grad``; returns the losses."""

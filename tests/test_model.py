@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 import fastadalora
 from fastadalora import AdaLoraConfig, AdaLoraLinear, get_adalora_model, reference
 from fastadalora.model import AdaLoraModel
-from support import batches, cls_batch, lm_batch, tiny_bert, tiny_gpt2_cls, tiny_gpt2_lm
+from support import RowsDataset, batches, cls_batch, lm_batch, tiny_bert, tiny_gpt2_cls, tiny_gpt2_lm
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -309,17 +309,6 @@ def test_attribute_forwarding_and_parameter_counts(capsys):
 
 
 # --------------------------------------------------------------------------- Trainer
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def test_callback_drives_a_trainer_run(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -340,7 +329,7 @@ def test_callback_drives_a_trainer_run(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                              learning_rate=0.05, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                              disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(rows),
+    trainer = Trainer(model=model, args=args, train_dataset=RowsDataset(rows),
                       callbacks=[fastadalora.AdaLoraCallback()])
     trainer.train()
     assert steps == list(range(max_steps))  # 0-based, like a manual enumerate() loop

@@ -10,22 +10,11 @@ import torch
 
 import fastadalora
 from fastadalora import AdaLoraConfig
-from support import cls_batch, lm_batch, tiny_bert, tiny_gpt2_lm
+from support import RowsDataset, cls_batch, lm_batch, tiny_bert, tiny_gpt2_lm
 
 transformers = pytest.importorskip("transformers")
 
 STEPS = 20
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _rows(kind, n):
@@ -49,7 +38,7 @@ def _trainer(model, kind, out, **overrides):
                 disable_tqdm=True, dataloader_num_workers=0, seed=7)
     args.update(overrides)
     return transformers.Trainer(model=model, args=transformers.TrainingArguments(**args),
-                                train_dataset=_Rows(_rows(kind, 4 * STEPS)),
+                                train_dataset=RowsDataset(_rows(kind, 4 * STEPS)),
                                 callbacks=[fastadalora.AdaLoraCallback()])
 
 
