@@ -329,7 +329,7 @@ def _no_match_error(config, targets, excluded, unmatched, model) -> ValueError:
     if config.layers_pattern is not None:
         notes += f" You also specified 'layers_pattern': {config.layers_pattern}."
     names = [k for k, m in model.named_modules() if is_adaptable(m)]
-    have = f" Linear layers it has: {names[:12]}{' ...' if len(names) > 12 else ''}"
+    have = f" Modules of a supported type it has: {names[:12]}{' ...' if len(names) > 12 else ''}"
     if excluded and not unmatched:
         return ValueError("All modules were excluded. This is likely unintended. Check your `target_modules`, "
                           f"`exclude_modules` and `modules_to_save` configuration (target_modules={targets!r} "

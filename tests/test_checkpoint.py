@@ -268,6 +268,19 @@ def test_save_does_not_change_live_model_or_config(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
 
 
+def test_save_into_a_file_path_raises_and_writes_nothing(tmp_path):
+    am = fa_trained("bert")
+    target = tmp_path / "a_file"
+    target.write_bytes(b"not a directory")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "missing")
+    for path in (target, dangling):
+        with pytest.raises(ValueError, match=f"save_pretrained: {path} exists and is not a directory"):
+            am.save_pretrained(path)
+    assert target.read_bytes() == b"not a directory" and not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dangling"]
+
+
 # --------------------------------------------------------------------------- atomicity
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     am = fa_trained("bert", steps=3)

@@ -355,6 +355,15 @@ def _write_plain(directory: Path, tensors: dict[str, torch.Tensor], config: dict
     _fsync_dir(directory)
 
 
+def _save_directory(save_directory: str | os.PathLike) -> Path:
+    """``save_directory`` as a ``Path``, made if missing; a ``ValueError`` if it is something else."""
+    directory = Path(save_directory)
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def write_checkpoint(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
                      config: dict[str, Any]) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``save_directory``, atomically.
@@ -362,11 +371,7 @@ def write_checkpoint(save_directory: str | os.PathLike, tensors: dict[str, torch
     After a crash at any instant the directory holds the previous checkpoint or this one (see the
     module docstring for the layout and the fallback where symlinks or ``fcntl`` are unavailable).
     """
-    directory = Path(save_directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
+    directory = _save_directory(save_directory)
     if fcntl is None or not hasattr(os, "symlink"):  # pragma: no cover - Windows
         _write_plain(directory, tensors, config)
         return
@@ -393,8 +398,7 @@ def write_checkpoint(save_directory: str | os.PathLike, tensors: dict[str, torch
 def write_model_card(save_directory: str | os.PathLike, make_text) -> None:
     """Write ``README.md`` (PEFT's model card) into ``save_directory``: ``make_text(existing text or None)``
     gives the content; the file is replaced atomically."""
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _save_directory(save_directory)
     path = directory / "README.md"
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
     text = make_text(existing)
