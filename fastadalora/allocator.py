@@ -397,13 +397,22 @@ class RankAllocator:
         if self._warned_nonfinite:
             return
         self._warned_nonfinite = True
-        grads = [p.grad for p in params] if self._shard is None else self._shard.locals([p.grad for p in params])
-        name = next((n for n, g in zip(self._param_names, grads) if not bool(torch.isfinite(g).all())),
-                    "a parameter (its value is not finite)" if self._shard is None else "a shard on another rank")
+        def first_nonfinite(tensors):
+            tensors = tensors if self._shard is None else self._shard.locals(tensors)
+            return next((n for n, t in zip(self._param_names, tensors) if not bool(torch.isfinite(t).all())), None)
+
+        name = first_nonfinite([p.grad for p in params])
+        if name is not None:
+            what = f"non-finite gradients (first: {name})"
+        elif (name := first_nonfinite(params)) is not None:
+            what = (f"a non-finite parameter ({name} itself, after the optimizer step: e.g. fp16 parameters "
+                    "trained without fp32 master weights)")
+        else:
+            what = "non-finite gradients (on a shard another rank holds)"
         warnings.warn(
-            f"RankAllocator.update_and_allocate: step {step} has non-finite gradients (first: {name}); the "
-            "sensitivity EMAs and the masks were left unchanged for this step (an fp16 GradScaler skips such "
-            "steps too). This warning is shown once.", RuntimeWarning, stacklevel=3)
+            f"RankAllocator.update_and_allocate: step {step} has {what}; the sensitivity EMAs and the masks were "
+            "left unchanged for this step (an fp16 GradScaler skips such steps too). This warning is shown once.",
+            RuntimeWarning, stacklevel=3)
 
     def _scores_only(self) -> torch.Tensor:
         if self._use_triton(self._ipt):

@@ -7,6 +7,7 @@ base output in place (one rounding).  Under ``torch.autocast`` its GEMMs run in 
 
 import copy
 import math
+import re
 import warnings
 
 import peft
@@ -18,7 +19,7 @@ import fastadalora
 from fastadalora import AdaLoraConfig, reference
 from fastadalora.backends import use_backend
 from fastadalora.peft_twin import copy_layer_into_peft, peft_twin
-from support import batches, tiny_bert
+from support import batches, cls_batch, tiny_bert
 
 HALF = [torch.bfloat16, torch.float16]
 N, D_IN, D_OUT, R = 37, 61, 45, 5
@@ -267,6 +268,22 @@ def test_non_finite_gradients_never_reach_the_scores():
     assert torch.isfinite(ours.allocator._ipt).all() and torch.isfinite(ours.allocator._unc).all()
     want = {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}
     assert ours.rank_pattern == want
+
+
+def test_a_non_finite_parameter_is_named_in_the_warning():
+    """fp16 parameters stepped by AdamW without fp32 master weights turn NaN with finite gradients: the
+    warning names the parameter itself, and the EMAs stay as they were."""
+    kw = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=10, target_modules=["query", "value"])
+    model = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(**kw))
+    model(**cls_batch()).loss.backward()
+    layer_path, layer = next(iter(model.adapter_layers().items()))
+    with torch.no_grad():
+        layer.lora_A[0, 0] = math.nan
+    before = model.allocator._ipt.clone()
+    with pytest.warns(RuntimeWarning, match=rf"step 0 has a non-finite parameter \({re.escape(layer_path)}.lora_A "
+                                            "itself, after the optimizer step"):
+        model.update_and_allocate(0)
+    assert torch.equal(model.allocator._ipt, before)
 
 
 def test_a_nan_score_never_prunes_a_triplet():
