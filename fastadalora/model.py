@@ -62,9 +62,20 @@ class _BoundForward(functools.partial):
 
 
 class _advertises_model_signature:
-    """Method descriptor returning a ``_BoundForward`` instead of a plain bound method."""
+    """Method descriptor returning a ``_BoundForward`` instead of a plain bound method.
+
+    On the class, the method's signature also names ``labels``: ``transformers.Trainer`` takes its
+    ``label_names`` from the class's forward (``find_labels(type(model))``, which for PEFT's models
+    looks through to the base model's class), and without them it computes no evaluation loss.
+    ``labels`` is what every transformers head but question answering takes (for those pass
+    ``TrainingArguments(label_names=["start_positions", "end_positions"])``, as with any wrapper).
+    """
 
     def __init__(self, fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        labels = inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None)
+        fn.__signature__ = sig.replace(parameters=[*params, labels, sig.parameters["kwargs"]])
         self.fn = fn
         functools.update_wrapper(self, fn)
 

@@ -32,13 +32,13 @@ def _model(kind):
     return fastadalora.get_adalora_model(base, cfg)
 
 
-def _trainer(model, kind, out, **overrides):
+def _trainer(model, kind, out, eval_dataset=None, **overrides):
     args = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=0.02,
                 report_to=[], use_cpu=True, bf16=True, save_strategy="steps", save_steps=10, logging_strategy="no",
                 disable_tqdm=True, dataloader_num_workers=0, seed=7)
     args.update(overrides)
     return transformers.Trainer(model=model, args=transformers.TrainingArguments(**args),
-                                train_dataset=RowsDataset(_rows(kind, 4 * STEPS)),
+                                train_dataset=RowsDataset(_rows(kind, 4 * STEPS)), eval_dataset=eval_dataset,
                                 callbacks=[fastadalora.AdaLoraCallback()])
 
 
@@ -126,3 +126,22 @@ def test_trainer_checkpoint_of_a_tied_model_saves(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert os.path.getsize(tmp_path / "final" / "model.safetensors") < 1_000_000
+
+
+def test_evaluate_reports_the_eval_loss_and_best_model_loads(tmp_path):
+    """Trainer reads label names from the class's forward (PEFT's models look through to the base class):
+    without them it computes no ``eval_loss``, and ``metric_for_best_model="eval_loss"`` fails."""
+    model = _model("bert")
+    trainer = _trainer(model, "bert", tmp_path, eval_dataset=RowsDataset(_rows("bert", 8)), eval_strategy="steps",
+                       eval_steps=10, load_best_model_at_end=True, metric_for_best_model="eval_loss", bf16=False)
+    assert trainer.label_names == ["labels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    metrics = trainer.evaluate()
+    model.eval()
+    batch = cls_batch(batch=8, seed=1)
+    with torch.no_grad():
+        want = float(model(**batch).loss)  # eval mode: the model's own loss, no orthogonal term
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-6)
+    assert trainer.state.best_model_checkpoint is not None
