@@ -341,11 +341,14 @@ class RankAllocator:
             hidden = deepspeed_error(name, p)
             if hidden is not None:
                 raise RuntimeError(hidden)
+            merged = [n for n, layer in self.named_layers if getattr(layer, "merged", False)]
             raise RuntimeError(
                 f"RankAllocator.update_and_allocate: {name} has no gradient. Call it after optimizer.step() "
                 "and before optimizer.zero_grad() (zero_grad(set_to_none=True) drops the gradients the "
                 "sensitivity needs), and make sure every adapter parameter takes part in the loss."
                 + ("" if p.requires_grad else f" ({name} has requires_grad=False.)")
+                + (f" {merged[0]} is merged (merge_adapter()): its forward uses the merged weight, which gives "
+                   "the adapter no gradient; call unmerge_adapter() before training." if merged else "")
             )
         return grads
 

@@ -94,6 +94,19 @@ def test_merge_unmerge_and_unload():
             torch.testing.assert_close(p, weights[key], rtol=1e-5, atol=1e-6)
 
 
+def test_training_while_merged_says_to_unmerge():
+    model = _model()
+    model.merge_adapter()
+    model.train()
+    model(**cls_batch()).loss.backward()  # the merged forward: only the head gets gradients
+    with pytest.raises(RuntimeError, match=r"has no gradient.* is merged \(merge_adapter\(\)\).*unmerge_adapter\(\)"):
+        model.update_and_allocate(0)
+    model.unmerge_adapter()
+    model.zero_grad()
+    model(**cls_batch()).loss.backward()
+    model.update_and_allocate(0)
+
+
 def test_safe_merge_is_all_or_nothing():
     model = _model()
     last = list(model.adapter_layers().values())[-1]
