@@ -670,6 +670,17 @@ class AdaLoraModel(nn.Module):
         return self._active
 
     @property
+    def peft_type(self) -> str:
+        """``"ADALORA"`` (PEFT's ``PeftModel.peft_type``, a str enum equal to this string)."""
+        return "ADALORA"
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The names of the modules trained in full, as PEFT's ``PeftModel.modules_to_save``: the config's
+        ``modules_to_save`` plus the task type's heads, or None when there are none."""
+        return set(self.adalora_config.head_modules()) or None
+
+    @property
     def active_adapters(self) -> list[str]:
         return [self._active]
 

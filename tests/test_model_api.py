@@ -172,3 +172,14 @@ def test_prepare_model_for_gradient_checkpointing_reaches_the_adapters():
         warnings.simplefilter("ignore")
         model(**cls_batch()).loss.backward()
     assert all(p.grad is not None for layer in model.adapter_layers().values() for p in layer.adapter_params())
+
+
+@pytest.mark.parametrize("kw", [dict(task_type="SEQ_CLS"), dict(), dict(modules_to_save=["classifier"]),
+                                dict(task_type="SEQ_CLS", modules_to_save=["pooler"])],
+                         ids=["task-heads", "none", "modules_to_save", "both"])
+def test_peft_type_and_modules_to_save_are_peft(kw):
+    kw = dict(kw, total_step=10, target_modules=["query"])
+    ours = fastadalora.get_peft_model(tiny_bert(), AdaLoraConfig(**copy.deepcopy(kw)))
+    theirs = peft.get_peft_model(tiny_bert(), peft.AdaLoraConfig(**copy.deepcopy(kw)))
+    assert ours.modules_to_save == theirs.modules_to_save
+    assert ours.peft_type == theirs.peft_type
