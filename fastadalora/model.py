@@ -364,7 +364,7 @@ class AdaLoraModel(nn.Module):
         """The blob length for this layout: the serialised size of its largest state, plus a margin."""
         key = None if state is None else (tuple(state["names"]), tuple(state["ranks"]), state["ipt"].dtype,
                                           state["ipt"].numel())
-        if self.__dict__.get("_capacity_key") != key:
+        if "_capacity" not in self.__dict__ or self.__dict__["_capacity_key"] != key:  # key None: no allocator
             largest = None
             if state is not None:
                 keep = torch.ones(sum(state["ranks"]), dtype=torch.bool)

@@ -188,6 +188,21 @@ def test_peft_to_fastadalora(tmp_path, case):
     assert not any(p.requires_grad for p in am.parameters())
 
 
+def test_inference_model_has_a_state_dict(tmp_path):
+    """A model loaded for inference (no allocator) gives a state dict, loads it back, and saves again."""
+    am = fa_trained("bert")
+    am.save_pretrained(tmp_path / "a")
+    loaded = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path / "a")
+    assert loaded.allocator is None
+    sd = loaded.state_dict()
+    assert "_extra_state" in sd and any(k.endswith("lora_A") for k in sd)
+    other = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(seed=0), tmp_path / "a")
+    other.load_state_dict(sd)
+    assert_close(outputs(other, "bert"), outputs(am, "bert"))
+    loaded.save_pretrained(tmp_path / "b")
+    assert files(tmp_path / "a")[ck.WEIGHTS_NAME] == files(tmp_path / "b")[ck.WEIGHTS_NAME]
+
+
 @pytest.mark.parametrize("case", ["bert", "gpt2"])
 def test_fastadalora_round_trip_and_resave(tmp_path, case):
     am = fa_trained(case)
