@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import json
 import math
 import numbers
@@ -38,6 +39,15 @@ from typing import Any, Optional, Union
 # The PEFT release whose AdaLoRA semantics and file format this package implements; written as
 # ``peft_version`` into adapter_config.json and into the model card, where PEFT writes its own version.
 PEFT_VERSION = "0.21.0"
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's ``PeftType``, for the one type this package has: a str enum, ``PeftType.ADALORA == "ADALORA"``
+    (JSON writes it as that string)."""
+
+    ADALORA = "ADALORA"
+
+
 CONFIG_NAME = "adapter_config.json"
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 
@@ -181,7 +191,7 @@ class AdaLoraConfig:
         metadata={"help": "PEFT: keep tied weights tied. modules_to_save are trained in place here, so tied weights "
                           "stay tied; adapting a layer whose weight is tied to another module is refused."})
     # ------------------------------------------------------------------ bookkeeping (stored and saved)
-    peft_type: str = field(default="ADALORA", metadata={"help": "Always 'ADALORA' (accepted for PEFT parity)."})
+    peft_type: str = field(default=PeftType.ADALORA, metadata={"help": "Always 'ADALORA' (accepted for PEFT parity)."})
     base_model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "The base model's name or path, written to adapter_config.json."})
     revision: Optional[str] = field(
@@ -259,7 +269,7 @@ class AdaLoraConfig:
         if _plain(self.peft_type) not in (None, "ADALORA"):
             warnings.warn(f"`peft_type={_plain(self.peft_type)!r}` is ignored: an AdaLoraConfig is always 'ADALORA' "
                           "(PEFT sets it the same way).")
-        self.peft_type = "ADALORA"
+        self.peft_type = PeftType.ADALORA
         if self.peft_version is None:
             self.peft_version = PEFT_VERSION
         if isinstance(self.target_parameters, str):
@@ -342,6 +352,9 @@ class AdaLoraConfig:
             )
         for name in ("beta1", "beta2"):
             _real(name, 0.0, 1.0, lo_open=True, hi_open=True)
+        if isinstance(self.orth_reg_weight, numbers.Real) and self.orth_reg_weight < 0:  # PEFT's words
+            raise ValueError("`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                             f"{self.orth_reg_weight}")
         _real("orth_reg_weight", 0.0)
         _real("lora_alpha")
         _real("lora_dropout", 0.0, 1.0, hi_open=True)

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import checkpoint, peft_math, targeting
 from .checkpoint import peft_format
-from .config import TASK_HEADS, AdaLoraConfig
+from .config import TASK_HEADS, AdaLoraConfig, PeftType
 from .layers import AdapterLayer, InferenceAdapter, adapter_class
 from .orth import OrthRegularizer
 
@@ -93,6 +93,8 @@ class AdaLoraModel(nn.Module):
 
     Unknown attributes are looked up on ``model`` (``.config``, ``.generate``, ...), as PEFT does.
     """
+
+    prefix = "lora_"  # PEFT's tuner prefix: every adapter parameter's name contains it
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True,
                  adapter_name: str = "default") -> None:
@@ -528,7 +530,8 @@ class AdaLoraModel(nn.Module):
         if adapter_name == self.adapter_name:
             raise ValueError(f"delete_adapter: {adapter_name!r} is the trainable adapter; unload() removes all adapters")
         if adapter_name not in self._inference_configs:
-            raise ValueError(f"delete_adapter: no adapter {adapter_name!r}; this model has {self.adapter_names()}")
+            raise ValueError(f"delete_adapter: Adapter {adapter_name} does not exist (this model has "
+                             f"{self.adapter_names()})")
         for layer in self._adapters.values():
             layer.delete_inference_adapter(adapter_name)
         del self._inference_configs[adapter_name]
@@ -596,19 +599,29 @@ class AdaLoraModel(nn.Module):
     # ------------------------------------------------------------------ adapter switches (PEFT's API)
     @contextlib.contextmanager
     def disable_adapter(self):
-        """``with model.disable_adapter():`` runs the base model (merged layers are unmerged first, as PEFT)."""
-        if self.adalora_config.bias != "none":
-            warnings.warn("Careful, disabling adapter layers with bias configured to be "
-                          f"'{self.adalora_config.bias}' does not produce the same output as the base model would "
-                          "without adaption.")
+        """``with model.disable_adapter():`` runs the base model (merged layers are unmerged first, as PEFT);
+        on exit each layer is as it was (adapters disabled by ``disable_adapter_layers`` stay disabled)."""
         flags = {path: layer.disable_adapters for path, layer in self._adapters.items()}
-        for layer in self._adapters.values():
-            layer.disable_adapters = True
+        self.disable_adapter_layers()
         try:
             yield
         finally:
             for path, layer in self._adapters.items():
                 layer.disable_adapters = flags[path]
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base layers alone until ``enable_adapter_layers()`` (PEFT's tuner method)."""
+        if self.adalora_config.bias != "none":
+            warnings.warn("Careful, disabling adapter layers with bias configured to be "
+                          f"'{self.adalora_config.bias}' does not produce the same output as the base model would "
+                          "without adaption.")
+        for layer in self._adapters.values():
+            layer.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``."""
+        for layer in self._adapters.values():
+            layer.disable_adapters = False
 
     def merge_adapter(self, safe_merge: bool = False) -> None:
         """Fold every adapter into its base weight (the layers stay; ``unmerge_adapter`` undoes it).
@@ -616,6 +629,8 @@ class AdaLoraModel(nn.Module):
         With ``safe_merge`` every merged weight is checked first and nothing changes if one is not finite.
         """
         layers = [layer for layer in self._adapters.values() if not layer.merged]
+        if self._adapters and not layers:
+            warnings.warn("All adapters are already merged, nothing to do.")  # PEFT's words
         for layer in layers:  # a kind that cannot merge (a 4-bit base) refuses before any layer changes
             layer.check_can_merge()
         if safe_merge:
@@ -670,9 +685,9 @@ class AdaLoraModel(nn.Module):
         return self._active
 
     @property
-    def peft_type(self) -> str:
-        """``"ADALORA"`` (PEFT's ``PeftModel.peft_type``, a str enum equal to this string)."""
-        return "ADALORA"
+    def peft_type(self) -> PeftType:
+        """``PeftType.ADALORA`` (PEFT's ``PeftModel.peft_type``; a str enum equal to ``"ADALORA"``)."""
+        return PeftType.ADALORA
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -772,6 +787,8 @@ def _single_device(device_map, model: nn.Module) -> torch.device | None:
     if device_map == "auto":
         first = next(model.parameters(), None)
         return None if first is None else first.device
+    if isinstance(device_map, dict) and list(device_map) == [""]:  # the whole model on one device
+        device_map = device_map[""]
     if isinstance(device_map, (str, torch.device, int)):
         return torch.device(device_map)
     raise ValueError(f"device_map={device_map!r}: fastadalora puts an adapter on one device (a device string or "

@@ -183,3 +183,42 @@ def test_peft_type_and_modules_to_save_are_peft(kw):
     theirs = peft.get_peft_model(tiny_bert(), peft.AdaLoraConfig(**copy.deepcopy(kw)))
     assert ours.modules_to_save == theirs.modules_to_save
     assert ours.peft_type == theirs.peft_type
+
+
+def test_disable_and_enable_adapter_layers_and_the_context_restores_them():
+    base = tiny_bert()
+    model = _model()
+    on = _logits(model)
+    base.classifier.load_state_dict(model.model.classifier.state_dict())
+    off = _logits(base.eval())
+    model.disable_adapter_layers()
+    torch.testing.assert_close(_logits(model), off)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), off)
+    torch.testing.assert_close(_logits(model), off)  # disabled before the context: still disabled after it
+    model.enable_adapter_layers()
+    torch.testing.assert_close(_logits(model), on)
+
+
+def test_merging_twice_warns_as_peft():
+    model = _model()
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do."):
+        model.merge_adapter()
+
+
+def test_peft_wording_and_bookkeeping(tmp_path):
+    model = _model()
+    assert model.prefix == "lora_" and all(model.prefix in n for n, _ in model.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="Adapter unknown-adapter does not exist"):  # PEFT's words
+        model.delete_adapter("unknown-adapter")
+    msg = "`orth_reg_weight` should be greater than or equal to 0, but the value passed is -0.5"
+    for make in (AdaLoraConfig, peft.AdaLoraConfig):
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+            make(target_modules=["query"], total_step=1, orth_reg_weight=-0.5)
+    config = model.adalora_config
+    assert config.peft_type == peft.PeftType.ADALORA and config.peft_type.value == "ADALORA"
+    model.save_pretrained(tmp_path)
+    assert '"peft_type": "ADALORA"' in (tmp_path / "adapter_config.json").read_text()
+    loaded = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(), tmp_path, device_map={"": "cpu"})
+    torch.testing.assert_close(_logits(loaded), _logits(model))
