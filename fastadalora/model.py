@@ -389,6 +389,15 @@ class AdaLoraModel(nn.Module):
             self.allocator.load_state_dict(state["allocator"])
 
     # ------------------------------------------------------------------ checkpoints
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token=None, create_pr: bool = False, revision: str | None = None,
+                    commit_description: str | None = None, selected_adapters=None):
+        """``save_pretrained`` into a temporary folder, then upload it to the Hub repo ``repo_id`` (created if
+        missing), as PEFT's ``push_to_hub``; the commit info is returned."""
+        return checkpoint.push_to_hub(lambda d: self.save_pretrained(d, selected_adapters=selected_adapters),
+                                      repo_id, commit_message=commit_message, commit_description=commit_description,
+                                      private=private, token=token, revision=revision, create_pr=create_pr)
+
     def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
                         is_main_process: bool = True, **kwargs) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT 0.21's format.

@@ -6,7 +6,9 @@ import copy
 import json
 import os
 import pickle
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +188,41 @@ def test_peft_to_fastadalora(tmp_path, case):
     # inference mode: frozen, eval
     assert not am.training
     assert not any(p.requires_grad for p in am.parameters())
+
+
+def test_push_to_hub_uploads_the_peft_files(tmp_path, monkeypatch):
+    """With a stand-in for ``huggingface_hub.HfApi`` (no network here): the repo is made, the PEFT files are
+    uploaded (read through their links, without fastadalora's version folder), and PEFT loads the upload."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, token=None):
+            calls["create_repo"] = (repo_id, private, exist_ok)
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message, **kwargs):
+            calls["upload"] = (repo_id, commit_message, kwargs["revision"], kwargs["create_pr"])
+            root = Path(folder_path)
+            names = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+            for name in filter_repo_objects(names, ignore_patterns=ignore_patterns):
+                (tmp_path / "hub" / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / name, tmp_path / "hub" / name)
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    am = fa_trained("bert")
+    assert am.push_to_hub("me/adapter", private=True, token="t", revision="dev") == "commit-info"
+    assert calls == {"token": "t", "create_repo": ("me/adapter", True, True),
+                     "upload": ("me/adapter", "Upload model", "dev", False)}
+    assert sorted(os.listdir(tmp_path / "hub")) == ["README.md", ck.CONFIG_NAME, ck.WEIGHTS_NAME]
+    pm = peft.PeftModel.from_pretrained(tiny_bert(seed=0), tmp_path / "hub")
+    assert_close(outputs(pm, "bert"), outputs(am, "bert"))
 
 
 def test_inference_model_has_a_state_dict(tmp_path):

@@ -8,7 +8,8 @@
 package never imports the model.
 """
 
-from .files import read_adapter_config, read_adapter_weights, read_checkpoint, write_checkpoint, write_model_card
+from .files import (push_to_hub, read_adapter_config, read_adapter_weights, read_checkpoint, write_checkpoint,
+                    write_model_card)
 from .load import CheckpointPlan, LayerPlan, plan_inference_adapter, plan_load
 from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, CheckpointError, CheckpointNotFoundError
 

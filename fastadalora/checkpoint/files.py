@@ -43,6 +43,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -465,3 +466,24 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
             if version is None or _current_version(state) == version:
                 raise
     raise CheckpointError(f"{directory}: the checkpoint kept changing while being read (concurrent saves)")
+
+
+def push_to_hub(save, repo_id: str, *, commit_message: str | None, commit_description: str | None,
+                private: bool | None, token, revision: str | None, create_pr: bool):
+    """Upload what ``save(directory)`` writes to the Hugging Face Hub repo ``repo_id`` (made if missing).
+
+    The PEFT files are uploaded (read through their links), not the crash-safety folder ``.fastadalora``.
+    Returns ``HfApi.upload_folder``'s commit info.
+    """
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as exc:  # pragma: no cover - transformers and peft both bring huggingface_hub
+        raise ImportError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from exc
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        return api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=tmp, token=token,
+                                 commit_message=commit_message or "Upload model",
+                                 commit_description=commit_description, revision=revision, create_pr=create_pr,
+                                 ignore_patterns=[f"{STATE_DIR}/*", f"*/{STATE_DIR}/*"])
