@@ -372,8 +372,9 @@ class AdaLoraConfig:
             warnings.warn(f"`init_lora_weights={init!r}` is a LoRA initialisation that AdaLoRA does not have: like "
                           "PEFT 0.21's AdaLoRA, fastadalora initialises as with init_lora_weights=True "
                           "(E = 0, A, B ~ N(0, 0.02)).")
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"`bias` must be one of {list(BIAS_MODES)}, got {self.bias!r}.")
+        if self.bias not in BIAS_MODES and not (isinstance(self.bias, str) and self.bias.endswith("_only")):
+            raise ValueError(f"`bias` must be one of {list(BIAS_MODES)} (PEFT reads any '<method>_only' as "
+                             f"'lora_only'), got {self.bias!r}.")
         for name in ("target_modules", "exclude_modules"):
             _check_names(name, getattr(self, name), allow_regex=True)
         _check_names("modules_to_save", self.modules_to_save, allow_regex=False)

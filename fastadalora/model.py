@@ -774,10 +774,11 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str
 
 def _bias_params(model: nn.Module, layers: dict, bias: str) -> dict[str, torch.Tensor]:
     """``{name: parameter}`` of the biases PEFT's ``bias`` setting trains and saves: ``"all"`` every
-    ``bias`` of the model, ``"lora_only"`` those of the adapted layers, ``"none"`` none."""
+    ``bias`` of the model, ``"lora_only"`` (any ``"<method>_only"``, as PEFT) those of the adapted layers,
+    ``"none"`` none."""
     if bias == "all":
         return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
-    if bias == "lora_only":
+    if bias.endswith("_only"):
         adapted = {f"{path}.base_layer.bias" for path in layers}
         return {n: p for n, p in model.named_parameters() if n in adapted}
     return {}

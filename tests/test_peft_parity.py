@@ -659,7 +659,7 @@ def _trainable_outside_adapters(named_parameters):
     return names
 
 
-@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("bias", ["all", "lora_only", "adalora_only"])
 def test_bias_modes_train_peft_biases(built_models, bias):
     model = built_models["bert"]
     kwargs = dict(target_modules=["query", "dense"], bias=bias, modules_to_save=["classifier"])
@@ -668,7 +668,7 @@ def test_bias_modes_train_peft_biases(built_models, bias):
     assert _trainable_outside_adapters(am.named_parameters()) == _trainable_outside_adapters(pm.named_parameters())
 
 
-@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("bias", ["all", "lora_only", "adalora_only"])
 def test_bias_modes_save_and_load_both_ways(built_models, tmp_path, bias):
     """The trained biases are saved under PEFT's keys and load in PEFT and back."""
     model = built_models["bert"]
