@@ -510,10 +510,7 @@ class AdaLoraModel(nn.Module):
         if is_trainable:
             raise ValueError("load_adapter: AdaLoRA trains one adapter per model; load a second one for inference "
                              "(is_trainable=False), or train it with AdaLoraModel.from_pretrained(..., is_trainable=True)")
-        if adapter_name in self.adapter_names():
-            raise ValueError(f"load_adapter: an adapter named {adapter_name!r} exists already ({self.adapter_names()})")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        self._check_new_adapter_name("load_adapter", adapter_name)
         plan = checkpoint.plan_inference_adapter(self.adapter_layers(), model_id)
         cfg = plan.config
         scaling = peft_math.scaling_of(cfg.init_r, cfg.lora_alpha)
@@ -525,6 +522,53 @@ class AdaLoraModel(nn.Module):
             layer.add_inference_adapter(adapter_name, InferenceAdapter(*tensors, scaling, cfg.init_r, cfg.init_r,
                                                                        held, layer.fan_in_fan_out))
         self._inference_configs[adapter_name] = cfg
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
+        """A new, freshly initialised adapter for inference (PEFT's ``add_adapter``; ``set_adapter`` selects it).
+
+        As PEFT's AdaLoRA: only one adapter trains, so the config must have ``inference_mode=True``, and
+        only one adapter may train biases.  It may adapt a subset of this model's adapted layers.
+        """
+        if type(peft_config).__module__.startswith("peft.") and type(peft_config).__name__ == "AdaLoraConfig":
+            peft_config = AdaLoraConfig.from_peft(peft_config)
+        if not isinstance(peft_config, AdaLoraConfig):
+            raise TypeError(f"add_adapter: expected an AdaLoraConfig, got {type(peft_config).__name__}")
+        self._check_new_adapter_name("add_adapter", adapter_name)
+        if not peft_config.inference_mode:  # PEFT's words
+            raise ValueError("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set "
+                             "inference_mode to True for all adapters except the one you want to train.")
+        if peft_config.bias != "none" or self.adalora_config.bias != "none":  # PEFT's words
+            raise ValueError("AdaLoraModel supports only 1 adapter with bias. When using multiple adapters, set bias "
+                             "to 'none' for all adapters.")
+        config = copy.deepcopy(peft_config)
+        targets = targeting.resolve_target_modules(self.model, config, adapted=self._adapters)
+        heads = list(config.head_modules())
+        paths = [p for p in self._adapters
+                 if targeting.target_matches(targets, p, config.layers_to_transform, config.layers_pattern)
+                 and not targeting.name_matches(config.exclude_modules, p) and not targeting.within(heads, p)]
+        if not paths:
+            raise ValueError(f"add_adapter: target_modules={config.target_modules!r} matches none of the layers this "
+                             f"model adapts ({sorted(self._adapters)}); a further adapter adds AdaLoRA to those only")
+        r, scaling = config.init_r, peft_math.scaling_of(config.init_r, config.lora_alpha)
+        added = {}
+        for path in paths:  # PEFT's update_layer, in its RNG order: randn A, E, B, ranknum, then the init
+            layer = self._adapters[path]
+            A0, _, B0 = layer.adapter_params()
+            A, E, B = torch.randn(r, A0.shape[1]), torch.randn(r, 1), torch.randn(B0.shape[0], r)
+            torch.randn(1)  # PEFT's ranknum draw (a fixed float here)
+            if config.init_lora_weights:
+                peft_math.init_adapter_(A, E, B)
+            A, E, B = (t.to(device=A0.device, dtype=A0.dtype) for t in (A, E, B))
+            added[path] = InferenceAdapter(A, E, B, scaling, r, r, list(range(r)), layer.fan_in_fan_out)
+        for path, adapter in added.items():
+            self._adapters[path].add_inference_adapter(adapter_name, adapter)
+        self._inference_configs[adapter_name] = config
+
+    def _check_new_adapter_name(self, what: str, adapter_name) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.adapter_names():
+            raise ValueError(f"{what}: an adapter named {adapter_name!r} exists already ({self.adapter_names()})")
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one the model runs (the trainable adapter, or one ``load_adapter`` added)."""

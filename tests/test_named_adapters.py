@@ -11,6 +11,7 @@ import torch
 
 import fastadalora
 from fastadalora import AdaLoraConfig
+from fastadalora.peft_twin import copy_adapters_into_peft
 from support import batches, cls_batch, tiny_bert, train
 
 KW = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8,
@@ -102,3 +103,50 @@ def test_from_pretrained_keywords(tmp_path):
     torch.testing.assert_close(_logits(loaded), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="device_map"):
         fastadalora.AdaLoraModel.from_pretrained(tiny_bert(), tmp_path, device_map={"": 0, "bert": "cpu"})
+
+
+# --------------------------------------------------------------------------- add_adapter
+def test_add_adapter_matches_peft_and_saves(tmp_path):
+    """A fresh inference adapter: PEFT's init and RNG order (so the same weights as PEFT's add_adapter
+    after the same seed), selected by set_adapter, saved to <dir>/<name> and loaded back."""
+    kw = dict(init_r=4, target_r=2, total_step=10, target_modules=["query", "value"])
+    ours = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(**kw)).eval()
+    theirs = peft.get_peft_model(tiny_bert(), peft.AdaLoraConfig(**kw)).eval()
+    second = dict(init_r=3, target_r=2, target_modules=["query"], total_step=10, inference_mode=True,
+                  init_lora_weights=False)
+    torch.manual_seed(5)
+    ours.add_adapter("other", AdaLoraConfig(**second))
+    torch.manual_seed(5)
+    theirs.add_adapter("other", peft.AdaLoraConfig(**second))
+    batch = {k: v for k, v in cls_batch(seed=3).items() if k != "labels"}
+    copy_adapters_into_peft(ours, theirs)  # the trainable adapters' weights; "other" is each one's own draw
+    for name in ("other", "default"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-5, atol=1e-6)
+    assert ours.adapter_names() == ["default", "other"] and not any(
+        p.requires_grad for n, p in ours.named_parameters() if "inference_adapters" in n)
+    ours.set_adapter("other")
+    with torch.no_grad():
+        want = ours(**batch).logits
+    ours.save_pretrained(tmp_path)
+    loaded = fastadalora.AdaLoraModel.from_pretrained(tiny_bert(), tmp_path / "other").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want)
+
+
+def test_add_adapter_refuses_what_peft_refuses_and_changes_nothing():
+    model = fastadalora.get_adalora_model(tiny_bert(), AdaLoraConfig(init_r=4, total_step=10, target_r=2,
+                                                                     target_modules=["query"]))
+    with pytest.raises(ValueError, match="AdaLoraModel supports only 1 trainable adapter"):
+        model.add_adapter("second", AdaLoraConfig(init_r=4, total_step=10, target_r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        model.add_adapter("second", AdaLoraConfig(total_step=10, target_modules=["query"], inference_mode=True,
+                                                  bias="all"))
+    with pytest.raises(ValueError, match="matches none of the layers this model adapts"):
+        model.add_adapter("second", AdaLoraConfig(total_step=10, target_modules=["key"], inference_mode=True))
+    with pytest.raises(ValueError, match="exists already"):
+        model.add_adapter("default", AdaLoraConfig(total_step=10, target_modules=["query"], inference_mode=True))
+    assert model.adapter_names() == ["default"] and "second" not in model.peft_config
+    assert not any("inference_adapters" in n for n, _ in model.named_modules())
