@@ -362,6 +362,9 @@ def find_targets(model: nn.Module, config, adapter_types: tuple = ()) -> list[tu
     for key, module in model.named_modules(remove_duplicate=False):
         paths_of.setdefault(id(module), []).append(key)
     adapters = [k for k, m in model.named_modules() if adapter_types and isinstance(m, adapter_types)]
+    # nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: an adapter there does nothing
+    uncalled = {f"{k}.out_proj" if k else "out_proj" for k, m in model.named_modules()
+                if isinstance(m, nn.MultiheadAttention)}
     layers = (config.layers_to_transform, config.layers_pattern)
     found, excluded, unmatched, named_in_full = [], [], [], []
     for key, module in model.named_modules():
@@ -376,6 +379,11 @@ def find_targets(model: nn.Module, config, adapter_types: tuple = ()) -> list[tu
         if within(adapters, key):
             raise ValueError(f"Module {key!r} is already an AdaLoRA adapter or part of one: the model was adapted "
                              "before. Adapt a fresh base model.")
+        if key in uncalled:
+            raise ValueError(
+                f"Target module {key!r} is the output projection of an nn.MultiheadAttention, which uses its weight "
+                "directly and never calls the module: an adapter there would have no effect (PEFT's AdaLoRA adapts "
+                "it without effect). Narrow `target_modules`, or add it to `exclude_modules`.")
         if not is_adaptable(module):
             raise TypeError(
                 f"Target module {key!r} is a {type(module).__module__}.{type(module).__name__}, which AdaLoRA "

@@ -361,3 +361,24 @@ def test_callback_unwraps_wrappers_and_rejects_a_non_adalora_model():
     with pytest.raises(TypeError, match="not a fastadalora.AdaLoraModel"):
         cb.on_optimizer_step(TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl(),
                              model=nn.Linear(2, 2))
+
+
+def test_multihead_attention_out_proj_is_refused():
+    """nn.MultiheadAttention reads out_proj.weight directly: an adapter there would silently do nothing."""
+
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.lin(self.attn(x, x, x)[0])
+
+    base = WithMHA()
+    before = [type(m) for m in base.modules()]
+    with pytest.raises(ValueError, match=r"'attn.out_proj' is the output projection of an nn.MultiheadAttention"):
+        get_adalora_model(base, _cfg(target_modules=["lin", "out_proj"]))
+    assert [type(m) for m in base.modules()] == before and all(p.requires_grad for p in base.parameters())
+    model = get_adalora_model(base, _cfg(target_modules=["lin", "out_proj"], exclude_modules=["attn.out_proj"]))
+    assert list(model.adapter_layers()) == ["lin"]
