@@ -366,7 +366,7 @@ def find_targets(model: nn.Module, config, adapter_types: tuple = ()) -> list[tu
     uncalled = {f"{k}.out_proj" if k else "out_proj" for k, m in model.named_modules()
                 if isinstance(m, nn.MultiheadAttention)}
     layers = (config.layers_to_transform, config.layers_pattern)
-    found, excluded, unmatched, named_in_full = [], [], [], []
+    found, excluded, unmatched, named_in_full, skipped = [], [], [], [], []
     for key, module in model.named_modules():
         if not key:
             continue
@@ -379,6 +379,9 @@ def find_targets(model: nn.Module, config, adapter_types: tuple = ()) -> list[tu
         if within(adapters, key):
             raise ValueError(f"Module {key!r} is already an AdaLoRA adapter or part of one: the model was adapted "
                              "before. Adapt a fresh base model.")
+        if key in uncalled and is_all_linear(config.target_modules):
+            skipped.append(key)
+            continue
         if key in uncalled:
             raise ValueError(
                 f"Target module {key!r} is the output projection of an nn.MultiheadAttention, which uses its weight "
@@ -402,6 +405,10 @@ def find_targets(model: nn.Module, config, adapter_types: tuple = ()) -> list[tu
         found.append((key, module))
     if not found:
         raise _no_match_error(config, targets, excluded, unmatched, model)
+    if skipped:
+        warnings.warn(f"target_modules='all-linear': {skipped} not adapted: the output projection of an "
+                      "nn.MultiheadAttention is read directly by the attention, so an adapter there would have no "
+                      "effect (PEFT adapts it, without effect).")
     if config.exclude_modules and not excluded:
         warnings.warn(f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
                       "Please check that exclude_modules was set correctly.")

@@ -380,5 +380,8 @@ def test_multihead_attention_out_proj_is_refused():
     with pytest.raises(ValueError, match=r"'attn.out_proj' is the output projection of an nn.MultiheadAttention"):
         get_adalora_model(base, _cfg(target_modules=["lin", "out_proj"]))
     assert [type(m) for m in base.modules()] == before and all(p.requires_grad for p in base.parameters())
+    with pytest.warns(UserWarning, match=r"'all-linear': \['attn.out_proj'\] not adapted"):
+        all_linear = get_adalora_model(WithMHA(), _cfg(target_modules="all-linear"))
+    assert list(all_linear.adapter_layers()) == ["lin"]
     model = get_adalora_model(base, _cfg(target_modules=["lin", "out_proj"], exclude_modules=["attn.out_proj"]))
     assert list(model.adapter_layers()) == ["lin"]
