@@ -510,6 +510,17 @@ class AdaLoraConfig:
         return kwargs
 
     @classmethod
+    def of(cls, config, what: str = "config") -> "AdaLoraConfig":
+        """``config`` as this class: a ``peft.AdaLoraConfig`` is converted (``from_peft``), anything else but
+        an ``AdaLoraConfig`` is a ``TypeError`` naming ``what``."""
+        if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
+            return cls.from_peft(config)
+        if not isinstance(config, cls):
+            raise TypeError(f"{what} must be a fastadalora.AdaLoraConfig (or a peft.AdaLoraConfig), got "
+                            f"{type(config).__name__}")
+        return config
+
+    @classmethod
     def from_peft(cls, peft_config) -> "AdaLoraConfig":
         """Our config from a ``peft.AdaLoraConfig``, every field converted, so code that builds PEFT configs runs.
 

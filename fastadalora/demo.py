@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

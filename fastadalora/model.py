@@ -99,11 +99,7 @@ class AdaLoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdaLoraConfig, autocast_adapter_dtype: bool = True,
                  adapter_name: str = "default") -> None:
         super().__init__()
-        if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
-            config = AdaLoraConfig.from_peft(config)
-        if not isinstance(config, AdaLoraConfig):
-            raise TypeError(f"config must be a fastadalora.AdaLoraConfig (or a peft.AdaLoraConfig), got "
-                            f"{type(config).__name__}")
+        config = AdaLoraConfig.of(config)
         if not isinstance(autocast_adapter_dtype, bool):
             raise ValueError(f"autocast_adapter_dtype must be True or False, got {autocast_adapter_dtype!r}")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -478,8 +474,8 @@ class AdaLoraModel(nn.Module):
         or ``"auto"`` (the model's own device) to put the adapter on; ``low_cpu_mem_usage`` is accepted
         (the adapter is small and loaded in place either way).
         """
-        if config is not None and not isinstance(config, AdaLoraConfig):
-            config = AdaLoraConfig.from_peft(config)
+        if config is not None:
+            config = AdaLoraConfig.of(config, "from_pretrained: config")
         device = _single_device(device_map, model)
         plan = checkpoint.plan_load(model, pretrained_path, (AdapterLayer,), config=config)
         plan.config = dataclasses.replace(plan.config, inference_mode=not is_trainable)  # PEFT's rule
@@ -529,10 +525,7 @@ class AdaLoraModel(nn.Module):
         As PEFT's AdaLoRA: only one adapter trains, so the config must have ``inference_mode=True``, and
         only one adapter may train biases.  It may adapt a subset of this model's adapted layers.
         """
-        if type(peft_config).__module__.startswith("peft.") and type(peft_config).__name__ == "AdaLoraConfig":
-            peft_config = AdaLoraConfig.from_peft(peft_config)
-        if not isinstance(peft_config, AdaLoraConfig):
-            raise TypeError(f"add_adapter: expected an AdaLoraConfig, got {type(peft_config).__name__}")
+        peft_config = AdaLoraConfig.of(peft_config, "add_adapter: peft_config")
         self._check_new_adapter_name("add_adapter", adapter_name)
         if not peft_config.inference_mode:  # PEFT's words
             raise ValueError("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set "
@@ -799,20 +792,18 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str
     """
     if mixed:
         raise ValueError("get_adalora_model: mixed=True (PEFT's PeftMixedModel) is not supported by fastadalora")
-    if type(config).__module__.startswith("peft.") and type(config).__name__ == "AdaLoraConfig":
-        config = AdaLoraConfig.from_peft(config)
-    if isinstance(config, AdaLoraConfig):
-        old, new = config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
-        if old is not None and old != new:
-            warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{new}'. "
-                          "Please ensure that the correct base model is loaded when loading this checkpoint.")
-        changes = {"base_model_name_or_path": new}
-        if revision is not None:
-            if config.revision is not None and config.revision != revision:
-                warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting "
-                              f"with revision {revision}")
-            changes["revision"] = revision
-        config = dataclasses.replace(config, **changes)
+    config = AdaLoraConfig.of(config)
+    old, new = config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
+    if old is not None and old != new:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{new}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.")
+    changes = {"base_model_name_or_path": new}
+    if revision is not None:
+        if config.revision is not None and config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting "
+                          f"with revision {revision}")
+        changes["revision"] = revision
+    config = dataclasses.replace(config, **changes)
     return AdaLoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
 
 

@@ -86,6 +86,27 @@ def batches(n: int, kind: str = "cls", seed: int = 0, **kwargs) -> list[dict]:
     return [make(seed=seed + i, **kwargs) for i in range(n)]
 
 
+# --------------------------------------------------------------------------- one layer, forward + backward
+def adapter_grads(layer) -> list:
+    """``[dA, dE, dB]`` of our adapter layer or of PEFT's (whose factors are per-adapter dicts)."""
+    out = []
+    for name in ("lora_A", "lora_E", "lora_B"):
+        p = getattr(layer, name)
+        out.append((p["default"] if isinstance(p, torch.nn.ParameterDict) else p).grad)
+    return out
+
+
+def forward_backward(layer, x, g, seed=None) -> list:
+    """``[y, dx, dA, dE, dB]`` of ``layer(x).backward(g)`` on a fresh leaf copy of ``x`` (``seed``: the
+    torch seed just before the forward, for dropout draws)."""
+    x = x.detach().clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = layer(x)
+    y.backward(g.to(y.dtype))
+    return [y.detach(), x.grad, *adapter_grads(layer)]
+
+
 class RowsDataset(torch.utils.data.Dataset):
     """A list of ready examples (dicts of tensors) as a ``Dataset``, for ``transformers.Trainer``."""
 

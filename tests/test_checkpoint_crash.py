@@ -558,17 +558,22 @@ def test_two_processes_saving_into_one_directory(tmp_path, refs, worker):
 
 
 # --------------------------------------------------------------------------- fallbacks
+def _failing(code: int):
+    """A stand-in for an OS call that a filesystem does not support: it raises ``OSError(code)``."""
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
 def test_without_symlinks_plain_files_and_leftovers_removed(tmp_path, refs, monkeypatch):
     """A filesystem without symlinks: plain files as before, and temporaries of killed saves still removed."""
     d = tmp_path / "ckpt"
     _plain(d, refs["old"].pair)
     stale = d / ".adapter_model.safetensors.4242.0badf00d.tmp"
     stale.write_bytes(b"x" * 1000)
-
-    def no_symlinks(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "symlink", no_symlinks)
+    monkeypatch.setattr(os, "symlink", _failing(errno.EPERM))
     ck.write_checkpoint(d, refs["new"].tensors, refs["new"].config)
     monkeypatch.undo()
     assert pair(d) == refs["new"].pair
@@ -581,11 +586,7 @@ def test_conversion_copies_where_hard_links_fail(tmp_path, refs, monkeypatch):
     d = tmp_path / "ckpt"
     shutil.copytree(refs["peft_dir"], d)
     real_link = os.link
-
-    def no_links(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "link", _failing(errno.EPERM))
     with Injector(at=None) as inj:  # count: the conversion copies instead
         ck.write_checkpoint(d, refs["new"].tensors, refs["new"].config)
     monkeypatch.undo()
@@ -595,18 +596,13 @@ def test_conversion_copies_where_hard_links_fail(tmp_path, refs, monkeypatch):
     _loads(d, refs["new"].tensors)
 
 
-
 def test_without_flock_saves_stay_atomic(tmp_path, refs, monkeypatch):
     """A filesystem whose flock fails (ENOLCK, as on some network mounts): still one atomic swap per save."""
     import fcntl
 
     d = tmp_path / "ckpt"
     ck.write_checkpoint(d, refs["old"].tensors, refs["old"].config)
-
-    def no_flock(*args, **kwargs):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(fcntl, "flock", _failing(errno.ENOLCK))
     ck.write_checkpoint(d, refs["new"].tensors, refs["new"].config)
     monkeypatch.undo()
     assert pair(d) == refs["new"].pair

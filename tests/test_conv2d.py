@@ -16,7 +16,7 @@ import fastadalora
 from fastadalora import AdaLoraConfig, reference
 from fastadalora.layers.conv2d import AdaLoraConv2d
 from fastadalora.peft_twin import copy_layer_into_peft
-from support import OpCounter
+from support import OpCounter, forward_backward
 
 GEOMETRIES = {  # in, out, kernel, conv kwargs
     "3x3-pad1": (5, 7, 3, dict(padding=1)),
@@ -41,17 +41,6 @@ def _pair(geometry, r=4, dropout=0.0, dtype=torch.float64, adapter_dtype=None, s
         p.data = p.data.to(ours.lora_A.dtype)
     copy_layer_into_peft(ours, theirs)
     return theirs, ours
-
-
-def _run(layer, x, g, seed=None):
-    x = x.detach().clone().requires_grad_()
-    if seed is not None:
-        torch.manual_seed(seed)
-    y = layer(x)
-    y.backward(g)
-    grads = [getattr(layer, n)["default"].grad if isinstance(layer, SVDConv2d) else getattr(layer, n).grad
-             for n in ("lora_A", "lora_E", "lora_B")]
-    return [y.detach(), x.grad, *grads]
 
 
 def _inputs(layer, n=3, hw=(9, 8)):
@@ -82,7 +71,7 @@ def test_equals_peft_svdconv2d(geometry, dtype):
     k = GEOMETRIES[geometry][0] * _kernel(geometry)[0] * _kernel(geometry)[1]
     n_out = g[:, 0].numel()
     tol = 1e-12 if dtype == torch.float64 else reference.fp_tolerance(dtype, max(k, n_out))
-    _assert_all_close(_run(ours, x, g), _run(theirs, x, g), tol)
+    _assert_all_close(forward_backward(ours, x, g), forward_backward(theirs, x, g), tol)
 
 
 @pytest.mark.parametrize("geometry", ["3x3-pad1", "stride2-dil2"])
@@ -93,9 +82,9 @@ def test_dropout_equals_peft_with_the_same_seed(geometry, dtype):
     ours.train()
     x, g = _inputs(ours)
     tol = 1e-12 if dtype == torch.float64 else reference.fp_tolerance(dtype, g[:, 0].numel())
-    got, want = _run(ours, x, g, seed=11), _run(theirs, x, g, seed=11)  # one seed: torch's dropout mask, PEFT's
+    got, want = forward_backward(ours, x, g, seed=11), forward_backward(theirs, x, g, seed=11)  # one seed: torch's dropout mask, PEFT's
     _assert_all_close(got, want, tol)
-    assert not torch.allclose(_run(ours, x, g, seed=12)[0], got[0])  # the mask does change with the seed
+    assert not torch.allclose(forward_backward(ours, x, g, seed=12)[0], got[0])  # the mask does change with the seed
 
 
 def test_dropout_equals_formula_with_the_same_keep_mask():
@@ -117,7 +106,7 @@ def test_bf16_base_matches_peft(adapter_dtype):
     theirs, ours = _pair("3x3-pad1", dtype=torch.bfloat16, adapter_dtype=adapter_dtype)
     assert ours.lora_A.dtype == theirs.lora_A["default"].dtype == adapter_dtype
     x, g = _inputs(ours)
-    got, want = _run(ours, x, g), _run(theirs, x, g)
+    got, want = forward_backward(ours, x, g), forward_backward(theirs, x, g)
     assert got[0].dtype == want[0].dtype == torch.bfloat16
     _assert_all_close(got, want, reference.fp_tolerance(torch.bfloat16, g[:, 0].numel()))
 

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fastadalora import AdaLoraLinear, reference
 from fastadalora.backends import use_backend
+from support import forward_backward
 
 
 def _pair(base, r=5, lora_alpha=8, dropout=0.0, fan_in_fan_out=False, seed=1):
@@ -31,19 +32,6 @@ def _pair(base, r=5, lora_alpha=8, dropout=0.0, fan_in_fan_out=False, seed=1):
     return theirs, ours
 
 
-def _run(layer, x, g):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad
-
-
-def _grads(layer):
-    if isinstance(layer, SVDLinear):
-        return [layer.lora_A["default"].grad, layer.lora_E["default"].grad, layer.lora_B["default"].grad]
-    return [layer.lora_A.grad, layer.lora_E.grad, layer.lora_B.grad]
-
-
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32),
                                            ("triton", torch.float32)])
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -53,13 +41,13 @@ def test_equals_peft_svdlinear(backend, dtype, conv1d):
     theirs, ours = _pair(base, fan_in_fan_out=conv1d)
     x = torch.randn(3, 37, 61, dtype=dtype)
     g = torch.randn(3, 37, 45, dtype=dtype)
-    y_t, dx_t = _run(theirs, x, g)
+    y_t, dx_t, *grads_t = forward_backward(theirs, x, g)
     with use_backend(backend):
-        y_o, dx_o = _run(ours, x, g)
+        y_o, dx_o, *grads_o = forward_backward(ours, x, g)
     tol = 1e-12 if dtype == torch.float64 else reference.fp_tolerance(dtype, 111)
     torch.testing.assert_close(y_o, y_t, rtol=tol, atol=tol)
     torch.testing.assert_close(dx_o, dx_t, rtol=tol, atol=tol)
-    for go, gt in zip(_grads(ours), _grads(theirs)):
+    for go, gt in zip(grads_o, grads_t):
         # weight gradients reduce over all N=111 tokens
         torch.testing.assert_close(go, gt, rtol=tol, atol=tol * gt.abs().max().item())
 

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import os
 import pickle
 import warnings
 

@@ -19,7 +19,7 @@ import fastadalora
 from fastadalora import AdaLoraConfig, reference
 from fastadalora.backends import use_backend
 from fastadalora.peft_twin import copy_layer_into_peft, peft_twin
-from support import batches, cls_batch, tiny_bert
+from support import adapter_grads, batches, cls_batch, forward_backward, tiny_bert
 
 HALF = [torch.bfloat16, torch.float16]
 N, D_IN, D_OUT, R = 37, 61, 45, 5
@@ -53,19 +53,6 @@ def _pair(dtype, dropout=0.0, seed=0):
     return layer, svd
 
 
-def _run(layer, x, g):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad
-
-
-def _adapter_grads(layer):
-    if isinstance(layer, fastadalora.AdaLoraLinear):
-        return [p.grad for p in layer.adapter_params()]
-    return [layer.lora_A["default"].grad, layer.lora_E["default"].grad, layer.lora_B["default"].grad]
-
-
 def _close(got, want, dtype, k, what):
     tol = reference.fp_tolerance(dtype, k)
     scale = want.abs().max().item()
@@ -79,14 +66,14 @@ def test_half_base_fp32_adapters_equal_peft(backend, dtype):
     assert layer.lora_A.dtype == svd.lora_A["default"].dtype == torch.float32
     assert layer.base_layer.weight.dtype == dtype and isinstance(layer.ranknum, float)
     x, g = torch.randn(N, D_IN).to(dtype), torch.randn(N, D_OUT).to(dtype)
-    y_t, dx_t = _run(svd, x, g)
+    y_t, dx_t, *_ = forward_backward(svd, x, g)
     with use_backend(backend):
-        y_o, dx_o = _run(layer, x, g)
+        y_o, dx_o, *_ = forward_backward(layer, x, g)
     assert y_o.dtype == y_t.dtype == dtype and dx_o.dtype == dtype
     # the output: one rounding of base + branch into the half dtype; dx: a half base GEMM plus the branch
     _close(y_o, y_t, dtype, D_IN, "y")
     _close(dx_o, dx_t, dtype, D_OUT, "dx")
-    for name, got, want in zip(("dA", "dE", "dB"), _adapter_grads(layer), _adapter_grads(svd)):
+    for name, got, want in zip(("dA", "dE", "dB"), adapter_grads(layer), adapter_grads(svd)):
         assert got.dtype == torch.float32
         _close(got, want, torch.float32, N * R, name)  # fp32 maths over a half input: fp32 rounding of the sums
 
@@ -124,7 +111,7 @@ def test_autocast_runs_the_fused_path_and_is_close_to_peft(backend):
     layer, svd = _pair(torch.float32)
     x, g = torch.randn(N, D_IN), torch.randn(N, D_OUT)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_t, dx_t = _run(svd, x, g.bfloat16())
+        y_t, dx_t, *_ = forward_backward(svd, x, g.bfloat16())
         with use_backend(backend):
             xo = x.detach().clone().requires_grad_()
             y_o = layer(xo)
@@ -135,7 +122,7 @@ def test_autocast_runs_the_fused_path_and_is_close_to_peft(backend):
     assert y_o.dtype == y_t.dtype == torch.bfloat16
     _close(y_o, y_t, torch.bfloat16, D_IN, "y")
     _close(xo.grad, dx_t, torch.bfloat16, D_OUT, "dx")
-    for name, got, want in zip(("dA", "dE", "dB"), _adapter_grads(layer), _adapter_grads(svd)):
+    for name, got, want in zip(("dA", "dE", "dB"), adapter_grads(layer), adapter_grads(svd)):
         assert got.dtype == torch.float32
         _close(got, want, torch.bfloat16, N, name)  # bf16 GEMM operands, fp32 accumulation, as autocast
 

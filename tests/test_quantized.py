@@ -17,6 +17,7 @@ from fastadalora import AdaLoraConfig, reference  # noqa: E402
 from fastadalora.backends import draw_dropout_seed, torch_path  # noqa: E402
 from fastadalora.layers.quantized import AdaLoraLinear4bit, AdaLoraLinear8bitLt  # noqa: E402
 from fastadalora.peft_twin import copy_layer_into_peft  # noqa: E402
+from support import forward_backward  # noqa: E402
 
 IN, OUT = 64, 96  # multiples of 32: bitsandbytes' CPU eval path repacks 4-bit weights in blocks of 32 rows
 
@@ -67,13 +68,6 @@ def _pair(kind, r=5, dropout=0.0, seed=0):
     return theirs, ours
 
 
-def _run(layer, x, g):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(g.to(y.dtype))
-    grads = [getattr(layer, n)["default"].grad if isinstance(layer, (SVDLinear4bit, SVDLinear8bitLt))
-             else getattr(layer, n).grad for n in ("lora_A", "lora_E", "lora_B")]
-    return [y.detach(), x.grad, *grads]
 
 
 def _inputs(dtype, n=(3, 7)):
@@ -88,7 +82,7 @@ def test_equals_peft_quantized_layers(kind):
         layer.train()
     dtype = KINDS[kind][3]
     x, g = _inputs(dtype)
-    got, want = _run(ours, x, g), _run(theirs, x, g)
+    got, want = forward_backward(ours, x, g), forward_backward(theirs, x, g)
     assert got[0].dtype == dtype  # PEFT's 8-bit layer returns fp32 for a half-precision input; ours keeps it
     # the base part is bitsandbytes' own on both sides; the branch reduces over in (output) and N=21 (weights)
     tol = reference.fp_tolerance(dtype, IN)

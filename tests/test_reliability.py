@@ -2,7 +2,6 @@
 the library the way a careless or unlucky user would (each fails on the code before the fix)."""
 
 import copy
-import io
 import json
 import math
 import warnings
@@ -14,7 +13,6 @@ from torch import nn
 
 import fastadalora
 from fastadalora import AdaLoraConfig
-from fastadalora.allocator import RankAllocator
 from fastadalora.checkpoint import CheckpointError
 from support import batches, tiny_bert, tiny_gpt2_lm, train
 

@@ -15,4 +15,5 @@ from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, CheckpointError, Che
 
 __all__ = ["CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "CheckpointError", "CheckpointNotFoundError", "CheckpointPlan",
            "LayerPlan", "plan_inference_adapter", "plan_load",
-           "read_adapter_config", "read_adapter_weights", "read_checkpoint", "write_checkpoint", "write_model_card"]
+           "push_to_hub", "read_adapter_config", "read_adapter_weights", "read_checkpoint", "write_checkpoint",
+           "write_model_card"]
